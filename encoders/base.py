@@ -1,0 +1,27 @@
+"""The ``Encoder`` protocol shared by the text (BERT) and CLIP encoders."""
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Turns a batch of inputs into ``(n, dim)`` float32 L2-normalised vectors."""
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def model_id(self) -> str:
+        """Stable identifier of architecture + weights; part of every cache key."""
+        ...
+
+    def encode(self, inputs: Sequence[Any]) -> np.ndarray: ...
+
+
+def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation, float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)

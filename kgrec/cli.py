@@ -1,0 +1,39 @@
+"""The ``kgrec`` command line. Each group of commands lives in ``kgrec/commands/<topic>.py`` and registers itself
+here, so that stages can be wired independently."""
+from __future__ import annotations
+
+import logging
+
+import typer
+
+app = typer.Typer(
+    name="kgrec",
+    help="Knowledge-graph-enhanced multimodal recommender for e-commerce catalogs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level.")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _register() -> None:
+    import importlib
+    import pkgutil
+
+    import kgrec.commands as commands
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
+        module = importlib.import_module(f"kgrec.commands.{mod}")
+        module.register(app)
+
+
+_register()
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

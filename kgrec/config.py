@@ -1,0 +1,160 @@
+"""One configuration object with a section per stage.
+
+Precedence (lowest to highest): defaults written here < YAML file < ``KGREC_SECTION__KEY`` environment variables <
+explicit overrides (CLI flags). Neo4j credentials come from ``NEO4J_URI``, ``NEO4J_USER``, ``NEO4J_PASSWORD``,
+``NEO4J_DATABASE`` and are never written into a bundle.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kgrec.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Ingestion and validation."""
+
+    strict: bool = False  # fail on any quarantined row
+    max_text_length: int = 20_000  # characters; longer titles/descriptions are quarantined
+    max_id_length: int = 256
+    check_images: bool = True  # open every referenced image to verify it decodes
+    max_image_pixels: int = 50_000_000
+    chunk_rows: int = 1_000_000  # rows per chunk when streaming large files
+    min_timestamp: str = "1970-01-01T00:00:00Z"
+    max_timestamp: str = "2100-01-01T00:00:00Z"
+
+
+class KGConfig(_Section):
+    """Knowledge graph store."""
+
+    backend: Literal["embedded", "neo4j"] = "embedded"
+    batch_size: int = 10_000
+    also_bought_min_count: int = 2  # co-purchases needed for an ALSO_BOUGHT edge
+    max_path_hops: int = 3
+    uri: str | None = None  # NEO4J_URI wins when set
+    user: str = "neo4j"
+    database: str = "neo4j"
+
+
+class EncodersConfig(_Section):
+    """Text (BERT family) and CLIP encoders."""
+
+    text_model: str = "packaged:all-MiniLM-L6-v2"  # or a local directory / hub name
+    text_max_length: int = 128
+    text_batch_size: int = 64
+    clip_model: str = "kgrec-effnetlite0-minilm"  # an open_clip config name (ours or open_clip's)
+    clip_pretrained: str | None = None  # open_clip tag or a local checkpoint file
+    clip_checkpoint: str | None = None  # our fit-clip output directory
+    image_batch_size: int = 64
+    num_workers: int = 0
+    device: str = "auto"
+    cache_dir: str | None = None  # defaults to <dataset>/.cache/embeddings
+
+
+class FusionConfig(_Section):
+    """GNN and fusion training."""
+
+    dim: int = 64
+    num_layers: int = 2
+    epochs: int = 100
+    batch_size: int = 2048
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 10
+    seed: int = 2020
+    use_kg: bool = True
+    use_text: bool = True
+    use_image: bool = True
+    device: str = "auto"
+
+
+class RankingConfig(_Section):
+    """Candidate generation and LightGBM re-ranking."""
+
+    num_candidates: int = 200
+    n_estimators: int = 300
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    early_stopping_rounds: int = 30
+    label_gain: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0])
+    explain_max_paths: int = 3
+    seed: int = 2020
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_k: int = 100
+    max_upload_bytes: int = 10 * 1024 * 1024
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    kg: KGConfig = Field(default_factory=KGConfig)
+    encoders: EncodersConfig = Field(default_factory=EncodersConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    ranking: RankingConfig = Field(default_factory=RankingConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> Config:
+        """Build a config from defaults, an optional YAML file, ``KGREC_SECTION__KEY`` env vars and overrides.
+
+        ``overrides`` uses dotted keys: ``{"fusion.epochs": 5}``.
+        """
+        raw: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file {p} does not exist")
+            try:
+                loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
+            raw = loaded
+        env = dict(os.environ if env is None else env)
+        for key, value in env.items():
+            if not key.startswith("KGREC_") or "__" not in key:
+                continue
+            section, _, field = key[len("KGREC_"):].lower().partition("__")
+            raw.setdefault(section, {})[field] = yaml.safe_load(value) if value else value
+        for dotted, value in (overrides or {}).items():
+            if value is None:
+                continue
+            section, _, field = dotted.partition(".")
+            raw.setdefault(section, {})[field] = value
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid configuration: {exc}") from exc
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def neo4j_settings(cfg: KGConfig, env: dict[str, str] | None = None) -> dict[str, str | None]:
+    """Connection settings: environment variables win over the config file; the password only from env."""
+    env = dict(os.environ if env is None else env)
+    return {
+        "uri": env.get("NEO4J_URI") or cfg.uri,
+        "user": env.get("NEO4J_USER") or cfg.user,
+        "password": env.get("NEO4J_PASSWORD"),
+        "database": env.get("NEO4J_DATABASE") or cfg.database,
+    }
