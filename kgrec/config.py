@@ -88,6 +88,13 @@ class RankingConfig(_Section):
     label_gain: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0])
     explain_max_paths: int = 3
     seed: int = 2020
+    min_child_samples: int = 20
+    subsample: float = 1.0  # row bagging fraction (1.0 = off)
+    colsample_bytree: float = 1.0
+    lambdarank_truncation_level: int = 30  # pairs considered per query: deeper than the NDCG@20 it optimises
+    n_jobs: int = 2
+    explain_max_features: int = 4  # positive contributions cited per explanation
+    explain_path_limit: int = 200  # paths read from the store per (user, item) before ranking them
 
 
 class ServeConfig(_Section):

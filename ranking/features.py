@@ -1,0 +1,329 @@
+"""Readable ranking features for (user, candidate item) pairs, computed with array ops and sparse products.
+
+``FeatureBuilder(context).build(user_index, candidates, query_vectors=None)`` returns a :class:`FeatureMatrix` with
+``X`` of shape ``(n_users * C, F)`` float32, rows ordered user-major (row ``u * C + c`` is user ``u``'s ``c``-th
+candidate). Missing values are NaN (LightGBM treats them as missing).
+
+KG evidence counts typed paths of length 2-3 that start with one of the user's PURCHASED/CARTED relationships
+(user -[PURCHASED|CARTED]-> bought item ...):
+
+========================  ==========================================================================
+feature                   path pattern (all counted as distinct relationship paths, no repeated node)
+========================  ==========================================================================
+kg_paths_also_bought      user -> bought -[ALSO_BOUGHT]- item                            (length 2)
+kg_paths_brand            user -> bought -[MADE_BY]-> Brand <-[MADE_BY]- item           (length 3)
+kg_paths_category         user -> bought -[IN_CATEGORY]-> Category <-[IN_CATEGORY]- item (length 3)
+kg_paths_attribute        user -> bought -[HAS_ATTRIBUTE]-> value <-[HAS_ATTRIBUTE]- item (length 3)
+kg_paths_entity           user -> bought -[LINKED_TO]-> Entity <-[LINKED_TO]- item       (length 3)
+kg_paths_co_buyer         user -> bought <-[PURCHASED|CARTED]- other user -> item        (length 3)
+========================  ==========================================================================
+
+Each count is ``(H[u] @ M @ M.T)[i]`` for the history relationship matrix ``H`` and the item->node incidence
+``M``, minus the non-simple paths through the candidate itself.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from ranking.context import SECONDS_PER_DAY, RankingContext
+
+logger = logging.getLogger(__name__)
+
+# Feature names in column order, with what each one measures (the feature spec saved next to the model).
+FEATURE_DESCRIPTIONS: dict[str, str] = {
+    "gnn_score": "dot product of the GNN user and item vectors (the retrieval score)",
+    "history_similarity": "cosine of the item's fused GNN vector to the mean of the user's bought/carted items",
+    "text_similarity": "cosine of the item's text vector to the mean text vector of the user's bought/carted items",
+    "image_similarity": "cosine of the item's image vector to the mean image vector of the user's bought/carted items",
+    "query_similarity": "cosine of the query vector to the item's text vector (NaN without a query)",
+    "modality_weighted_similarity": "text/image/history similarities weighted by the item's fusion weights",
+    "kg_paths_also_bought": "paths user-bought item-ALSO_BOUGHT-item",
+    "kg_paths_brand": "paths user-bought item-MADE_BY-brand-MADE_BY-item (bought items of the same brand)",
+    "kg_paths_category": "paths user-bought item-IN_CATEGORY-category-IN_CATEGORY-item",
+    "kg_paths_attribute": "paths user-bought item-HAS_ATTRIBUTE-value-HAS_ATTRIBUTE-item (shared attribute values)",
+    "kg_paths_entity": "paths user-bought item-LINKED_TO-entity-LINKED_TO-item",
+    "kg_paths_co_buyer": "paths user-bought item-bought by another user-who bought the item",
+    "kg_paths_total": "sum of the kg_paths_* counts",
+    "kg_shortest_path": "length of the shortest purchase/cart path (2 or 3; 4 when none within 3 hops)",
+    "brand_share": "fraction of the user's bought/carted items made by the item's brand",
+    "category_share": "fraction of the user's bought/carted items in the item's category",
+    "attribute_overlap": "mean number of attribute values the item shares with each bought/carted item",
+    "user_item_views": "times the user viewed this item",
+    "user_item_clicks": "times the user clicked this item",
+    "user_item_carts": "times the user put this item in the cart",
+    "user_item_purchases": "times the user bought this item",
+    "days_since_user_item_event": "days since the user's last event on this item (NaN if none)",
+    "item_popularity": "log1p of the item's number of interactions",
+    "item_days_since_last_event": "days since anyone last interacted with the item (recency)",
+    "price": "item price (NaN if unknown)",
+    "price_ratio": "item price / median price of the user's bought/carted items",
+}
+FEATURE_NAMES: tuple[str, ...] = tuple(FEATURE_DESCRIPTIONS)
+KG_PATH_FEATURES: tuple[str, ...] = (
+    "kg_paths_also_bought",
+    "kg_paths_brand",
+    "kg_paths_category",
+    "kg_paths_attribute",
+    "kg_paths_entity",
+    "kg_paths_co_buyer",
+)
+# Users per sparse-product chunk: bounds the dense (chunk, K) buffers at ~ chunk * K floats.
+_DENSE_BUDGET = 4_000_000
+
+
+@dataclass
+class FeatureMatrix:
+    """Features of ``n_users x C`` candidate pairs.
+
+    Attributes:
+        X: (n_users * C, F) float32, row ``u * C + c`` = user ``u``'s ``c``-th candidate; NaN = missing.
+        names: the F column names (see ``FEATURE_DESCRIPTIONS``).
+        user_index: (n_users,) dense user indices.
+        candidates: (n_users, C) dense item indices.
+    """
+
+    X: np.ndarray
+    names: tuple[str, ...]
+    user_index: np.ndarray
+    candidates: np.ndarray
+
+    def column(self, name: str) -> np.ndarray:
+        return self.X[:, self.names.index(name)]
+
+    def row(self, user_pos: int, cand_pos: int) -> np.ndarray:
+        return self.X[user_pos * self.candidates.shape[1] + cand_pos]
+
+    @property
+    def group(self) -> np.ndarray:
+        """(n_users,) group sizes for LightGBM: one group of C rows per user."""
+        return np.full(len(self.user_index), self.candidates.shape[1], dtype=np.int64)
+
+
+class FeatureBuilder:
+    """Computes :data:`FEATURE_NAMES` for user x candidate matrices from a :class:`RankingContext`."""
+
+    names: tuple[str, ...] = FEATURE_NAMES
+
+    def __init__(self, context: RankingContext):
+        self.ctx = context
+        ctx = context
+        # Transposes used per call, built once.
+        self._brand_t = ctx.item_brand.T.tocsr()
+        self._category_t = ctx.item_category.T.tocsr()
+        self._attribute_t = ctx.item_attribute.T.tocsr()
+        self._entity_t = ctx.item_entity.T.tocsr()
+        self._history_rel_t = ctx.history_relations.T.tocsr()  # (I, U)
+        # Number of nodes each item reaches through a relation type (for removing non-simple self paths).
+        self._self_brand = np.asarray(ctx.item_brand.multiply(ctx.item_brand).sum(axis=1)).ravel()
+        self._self_category = np.asarray(ctx.item_category.multiply(ctx.item_category).sum(axis=1)).ravel()
+        self._self_attribute = np.asarray(ctx.item_attribute.multiply(ctx.item_attribute).sum(axis=1)).ravel()
+        self._self_entity = np.asarray(ctx.item_entity.multiply(ctx.item_entity).sum(axis=1)).ravel()
+        h = ctx.history_relations
+        self._buyers_sq = np.asarray(h.multiply(h).sum(axis=0)).ravel()  # sum_v H[v, i]^2 per item
+
+    # ------------------------------------------------------------------ public
+    def build(
+        self,
+        user_index: np.ndarray,
+        candidates: np.ndarray,
+        query_vectors: np.ndarray | None = None,
+    ) -> FeatureMatrix:
+        """Features for each user's candidates.
+
+        Args:
+            user_index: (n,) dense user indices.
+            candidates: (n, C) dense item indices (every entry a valid item).
+            query_vectors: optional (n, dt) or (dt,) query vectors in the item text space.
+
+        Returns:
+            FeatureMatrix with ``X`` (n * C, F) float32.
+        """
+        ctx = self.ctx
+        user_index = np.asarray(user_index, dtype=np.int64).ravel()
+        candidates = np.asarray(candidates, dtype=np.int64)
+        if candidates.ndim != 2 or candidates.shape[0] != len(user_index):
+            raise ValueError(f"candidates must be (n_users, C) for {len(user_index)} users, got {candidates.shape}")
+        n, C = candidates.shape
+        flat = candidates.ravel()
+        rep = np.repeat(np.arange(n), C)
+        users_flat = user_index[rep]
+        cols: dict[str, np.ndarray] = {}
+
+        # --- vectors
+        uvec = ctx.user_vectors[user_index]
+        cols["gnn_score"] = np.einsum("nd,ncd->nc", uvec, ctx.item_vectors[candidates]).ravel()
+        hist = ctx.history[user_index]  # (n, I) binary
+        has_hist = ctx.history_size[user_index] > 0
+        base = ctx.touched[user_index]
+        # Users without purchases/carts fall back to anything they touched.
+        profile = (hist + sp.diags((~has_hist).astype(np.float32)) @ base).tocsr()
+        cols["history_similarity"] = self._profile_cosine(profile, ctx.item_vectors_unit, candidates)
+        cols["text_similarity"] = (
+            self._profile_cosine(profile, ctx.item_text, candidates) if ctx.item_text is not None else _nan(n * C)
+        )
+        cols["image_similarity"] = (
+            self._profile_cosine(profile, ctx.item_image, candidates) if ctx.item_image is not None else _nan(n * C)
+        )
+        if query_vectors is not None and ctx.item_text is not None:
+            q = np.asarray(query_vectors, dtype=np.float32)
+            q = np.broadcast_to(q.reshape(1, -1), (n, q.shape[-1])) if q.ndim == 1 else q
+            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+            cols["query_similarity"] = np.einsum("nd,ncd->nc", q, ctx.item_text[candidates]).ravel()
+        else:
+            cols["query_similarity"] = _nan(n * C)
+        if ctx.modality_weights is not None:
+            w = ctx.modality_weights[flat]
+            sims = np.stack(
+                [np.nan_to_num(cols["text_similarity"]), np.nan_to_num(cols["image_similarity"]),
+                 np.nan_to_num(cols["history_similarity"])],
+                axis=1,
+            )
+            cols["modality_weighted_similarity"] = (w * sims).sum(axis=1)
+        else:
+            cols["modality_weighted_similarity"] = np.nan_to_num(cols["history_similarity"])
+
+        # --- KG paths through purchases / carts
+        H = ctx.history_relations[user_index]  # (n, I) relationship counts
+        own = _pair_values(H, rep, flat)  # H[u, i]: the candidate itself among the first hops
+        cols["kg_paths_also_bought"] = _pair_dot(H @ ctx.also_bought, None, rep, flat)
+        cols["kg_paths_brand"] = _pair_dot(H @ ctx.item_brand, ctx.item_brand, rep, flat) - own * self._self_brand[flat]
+        cols["kg_paths_category"] = (
+            _pair_dot(H @ ctx.item_category, ctx.item_category, rep, flat) - own * self._self_category[flat]
+        )
+        cols["kg_paths_attribute"] = (
+            _pair_dot(H @ ctx.item_attribute, ctx.item_attribute, rep, flat) - own * self._self_attribute[flat]
+        )
+        cols["kg_paths_entity"] = (
+            _pair_dot(H @ ctx.item_entity, ctx.item_entity, rep, flat) - own * self._self_entity[flat]
+        )
+        # u -> j <- v -> i with v != u and j != i
+        co = (H @ self._history_rel_t).tocsr()  # (n, U): relationship pairs shared with each other user
+        co = _zero_own_column(co, user_index)
+        co_paths = _pair_dot(co, self._history_rel_t, rep, flat)
+        # remove j == i terms: H[u,i] * sum_{v != u} H[v,i]^2
+        co_paths -= own * (self._buyers_sq[flat] - own**2)
+        cols["kg_paths_co_buyer"] = np.maximum(co_paths, 0.0)
+        for k in KG_PATH_FEATURES:
+            cols[k] = np.maximum(cols[k], 0.0)
+        cols["kg_paths_total"] = sum(cols[k] for k in KG_PATH_FEATURES)
+        length3 = sum(cols[k] for k in KG_PATH_FEATURES if k != "kg_paths_also_bought")
+        cols["kg_shortest_path"] = np.where(cols["kg_paths_also_bought"] > 0, 2.0, np.where(length3 > 0, 3.0, 4.0))
+        hsize = np.maximum(ctx.history_size[users_flat], 1.0)
+        bought_same_brand = _pair_dot(hist @ ctx.item_brand, ctx.item_brand, rep, flat) - _pair_values(
+            hist, rep, flat
+        ) * self._self_brand[flat]
+        bought_same_cat = _pair_dot(hist @ ctx.item_category, ctx.item_category, rep, flat) - _pair_values(
+            hist, rep, flat
+        ) * self._self_category[flat]
+        shared_attr = _pair_dot(hist @ ctx.item_attribute, ctx.item_attribute, rep, flat) - _pair_values(
+            hist, rep, flat
+        ) * self._self_attribute[flat]
+        cols["brand_share"] = np.maximum(bought_same_brand, 0) / hsize
+        cols["category_share"] = np.maximum(bought_same_cat, 0) / hsize
+        cols["attribute_overlap"] = np.maximum(shared_attr, 0) / hsize
+
+        # --- the user's own interactions with the candidate
+        cols["user_item_views"] = _pair_values(ctx.interactions["view"][user_index], rep, flat)
+        cols["user_item_clicks"] = _pair_values(ctx.interactions["click"][user_index], rep, flat)
+        cols["user_item_carts"] = _pair_values(ctx.interactions["cart"][user_index], rep, flat)
+        cols["user_item_purchases"] = _pair_values(ctx.interactions["purchase"][user_index], rep, flat)
+        if ctx.last_interaction is not None:
+            t = _pair_values(ctx.last_interaction[user_index], rep, flat)
+            cols["days_since_user_item_event"] = np.where(t > 0, (ctx.reference_time - t) / SECONDS_PER_DAY, np.nan)
+        else:
+            cols["days_since_user_item_event"] = _nan(n * C)
+
+        # --- item context
+        cols["item_popularity"] = ctx.item_popularity[flat]
+        cols["item_days_since_last_event"] = (ctx.reference_time - ctx.item_last_event[flat]) / SECONDS_PER_DAY
+        price = ctx.item_price[flat]
+        cols["price"] = price
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cols["price_ratio"] = price / ctx.user_median_price[users_flat]
+
+        X = np.empty((n * C, len(self.names)), dtype=np.float32)
+        for j, name in enumerate(self.names):
+            X[:, j] = cols[name]
+        return FeatureMatrix(X=X, names=self.names, user_index=user_index, candidates=candidates)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _profile_cosine(profile: sp.csr_matrix, vectors: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """(n*C,) cosine between each candidate's vector and the mean vector of the user's profile items."""
+        n = candidates.shape[0]
+        mean = np.asarray(profile @ vectors, dtype=np.float32)  # (n, d) sums; normalising makes it a mean direction
+        norm = np.linalg.norm(mean, axis=1, keepdims=True)
+        empty = norm[:, 0] <= 1e-12
+        mean = mean / np.maximum(norm, 1e-12)
+        out = np.einsum("nd,ncd->nc", mean, vectors[candidates])
+        out[empty] = np.nan
+        return out.reshape(n * candidates.shape[1])
+
+
+def _nan(size: int) -> np.ndarray:
+    return np.full(size, np.nan, dtype=np.float32)
+
+
+def _pair_values(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(len(rows),) float64 ``m[rows[k], cols[k]]`` for CSR ``m`` (zeros where absent), vectorised."""
+    m = m.tocsr()
+    if not m.has_sorted_indices:
+        m = m.sorted_indices()
+    out = np.zeros(len(rows), dtype=np.float64)
+    if m.nnz == 0 or len(rows) == 0:
+        return out
+    start, end = m.indptr[rows], m.indptr[rows + 1]
+    # Binary search each column in its row's sorted index slice: offset into the global index array.
+    lengths = end - start
+    has = lengths > 0
+    if not has.any():
+        return out
+    # Global sorted key: row * ncols + col, searchsorted over the whole matrix at once.
+    ncols = m.shape[1]
+    row_of = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
+    keys = row_of * ncols + m.indices.astype(np.int64)
+    q = rows.astype(np.int64) * ncols + cols.astype(np.int64)
+    pos = np.searchsorted(keys, q)
+    pos_c = np.minimum(pos, len(keys) - 1)
+    hit = keys[pos_c] == q
+    out[hit] = m.data[pos_c[hit]]
+    return out
+
+
+def _pair_dot(P: sp.spmatrix, M: sp.csr_matrix | None, rep: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """``sum_k P[rep[r], k] * M[flat[r], k]`` for every pair r (``M=None`` means ``P[rep[r], flat[r]]``).
+
+    P: (n, K) sparse per-user path prefixes; M: (I, K) CSR item incidence. Only non-zeros of ``M[flat]`` are
+    touched, so the cost is O(nnz(M[flat]) + n*K / chunking), with no Python loop per pair.
+    """
+    P = sp.csr_matrix(P)
+    if M is None:
+        return _pair_values(P, rep, flat)
+    out = np.zeros(len(rep), dtype=np.float64)
+    if P.nnz == 0 or M.nnz == 0:
+        return out
+    n, K = P.shape
+    chunk = max(1, _DENSE_BUDGET // max(K, 1))
+    # rows of each user are contiguous in rep (user-major order)
+    bounds = np.searchsorted(rep, np.arange(0, n + chunk, chunk))
+    for c0 in range(0, n, chunk):
+        r0, r1 = bounds[c0 // chunk], bounds[min(c0 // chunk + 1, len(bounds) - 1)]
+        if r1 <= r0:
+            continue
+        dense = P[c0 : c0 + chunk].toarray()
+        Q = M[flat[r0:r1]]  # (rows, K) CSR
+        row_of_nnz = np.repeat(np.arange(r1 - r0), np.diff(Q.indptr))
+        vals = Q.data * dense[rep[r0:r1][row_of_nnz] - c0, Q.indices]
+        out[r0:r1] = np.bincount(row_of_nnz, weights=vals, minlength=r1 - r0)
+    return out
+
+
+def _zero_own_column(co: sp.csr_matrix, user_index: np.ndarray) -> sp.csr_matrix:
+    """Zero entry (r, user_index[r]) of each row: a user is not their own co-buyer."""
+    co = co.tocoo()
+    keep = co.col != user_index[co.row]
+    return sp.csr_matrix((co.data[keep], (co.row[keep], co.col[keep])), shape=co.shape)
