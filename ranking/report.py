@@ -1,0 +1,131 @@
+"""HTML report of explained recommendations (Jinja2): item images, KG paths and a contribution bar chart.
+
+``write_report(path, {user_id: [Explanation, ...]}, image_root=dataset_root)`` writes one self-contained HTML file:
+images are embedded as data URIs (a coloured placeholder when an item has none), the per-feature contribution
+chart is inline SVG, and there is no JavaScript or network access.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import logging
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
+
+from kgrec.data.schema import atomic_write_bytes
+from ranking.explain import Explanation
+
+logger = logging.getLogger(__name__)
+
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp"}
+_MAX_IMAGE_BYTES = 2 * 1024 * 1024
+_STAR = re.compile(r"\*([^*]+)\*")
+
+
+def emphasis(text: str) -> Markup:
+    """Escape ``text`` and turn ``*name*`` into ``<strong>name</strong>``."""
+    return Markup(_STAR.sub(r"<strong>\1</strong>", html.escape(text, quote=False)))
+
+
+def image_data_uri(image: str | None, image_root: str | Path | None, label: str) -> str:
+    """A data URI for an item image under ``image_root``, or an SVG placeholder with the item's initials."""
+    if image and image_root is not None:
+        p = Path(image_root) / image
+        mime = _MIME.get(p.suffix.lower())
+        if mime and p.is_file() and p.stat().st_size <= _MAX_IMAGE_BYTES:
+            return f"data:{mime};base64," + base64.b64encode(p.read_bytes()).decode("ascii")
+        logger.debug("image %s not embeddable (missing, too large or unknown type)", p)
+    hue = int(hashlib.sha256(label.encode()).hexdigest()[:4], 16) % 360
+    initials = "".join(w[0] for w in label.split()[:2]).upper() or "?"
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="120" height="120">'
+        f'<rect width="120" height="120" rx="10" fill="hsl({hue},45%,72%)"/>'
+        f'<text x="60" y="74" font-family="sans-serif" font-size="40" text-anchor="middle" fill="#fff">'
+        f"{html.escape(initials)}</text></svg>"
+    )
+    return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode("ascii")
+
+
+def contribution_svg(explanation: Explanation, max_bars: int = 8, width: int = 420) -> Markup:
+    """Horizontal bar chart (inline SVG) of the largest absolute feature contributions, positive green, negative
+    red, with the bias and the total score in the caption."""
+    items = sorted(explanation.all_contributions.items(), key=lambda kv: -abs(kv[1]))[:max_bars]
+    if not items:
+        return Markup("")
+    label_w, bar_w, row_h = 190, width - 190 - 60, 20
+    scale = max(abs(v) for _, v in items) or 1.0
+    mid = label_w + bar_w / 2
+    rows = []
+    for k, (name, v) in enumerate(items):
+        y = k * row_h + 4
+        w = abs(v) / scale * (bar_w / 2)
+        x = mid if v >= 0 else mid - w
+        colour = "#2e7d32" if v >= 0 else "#c62828"
+        rows.append(
+            f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end" font-size="11">{html.escape(name)}</text>'
+            f'<rect x="{x:.1f}" y="{y + 3}" width="{max(w, 0.5):.1f}" height="12" fill="{colour}"/>'
+            f'<text x="{mid + (w + 4 if v >= 0 else -w - 4):.1f}" y="{y + 13}" font-size="10" '
+            f'text-anchor="{"start" if v >= 0 else "end"}" fill="#444">{v:+.3f}</text>'
+        )
+    height = len(items) * row_h + 10
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="feature contributions" font-family="sans-serif">'
+        f'<line x1="{mid}" y1="0" x2="{mid}" y2="{height}" stroke="#999" stroke-width="1"/>'
+        + "".join(rows)
+        + "</svg>"
+    )
+    return Markup(svg)
+
+
+def render_report(
+    explanations: Mapping[str, Iterable[Explanation]],
+    *,
+    title: str = "Explained recommendations",
+    image_root: str | Path | None = None,
+    subtitle: str | None = None,
+) -> str:
+    """HTML text for ``{user_id: [Explanation, ...]}`` (lists in recommendation order)."""
+    env = Environment(loader=PackageLoader("ranking", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    env.filters["emphasis"] = emphasis
+    users: list[dict[str, Any]] = []
+    for user_id, exps in explanations.items():
+        cards = []
+        for rank, e in enumerate(exps, start=1):
+            weights = e.modality.weights or {}
+            cards.append(
+                {
+                    "rank": rank,
+                    "e": e,
+                    "image": image_data_uri(e.image, image_root, e.item_title),
+                    "chart": contribution_svg(e),
+                    "weights": [(m, weights[m], e.modality.similarities.get(m)) for m in ("text", "image", "graph") if m in weights],
+                }
+            )
+        users.append({"user_id": user_id, "cards": cards})
+    template = env.get_template("report.html.j2")
+    return template.render(
+        title=title,
+        subtitle=subtitle,
+        users=users,
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+
+
+def write_report(
+    path: str | Path,
+    explanations: Mapping[str, Iterable[Explanation]],
+    **kwargs: Any,
+) -> Path:
+    """Render and write the report atomically; returns the path."""
+    text = render_report(explanations, **kwargs)
+    p = Path(path)
+    atomic_write_bytes(p, text.encode("utf-8"))
+    logger.info("wrote explanation report %s (%d users)", p, len(explanations))
+    return p
