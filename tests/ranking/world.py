@@ -76,6 +76,25 @@ class World:
         return data, ids
 
 
+    def write_dataset(self, root: Any) -> Any:
+        """Write the world as a kgrec ``Dataset`` (train and test events, a split table) for GraphStore.load."""
+        from kgrec.data.schema import Dataset
+
+        events = pd.concat([self.train_events, self.test_events], ignore_index=True)
+        split = pd.concat(
+            [self.train_events.assign(split="train"), self.test_events.assign(split="test")], ignore_index=True
+        )[["user_id", "item_id", "split"]].drop_duplicates(["user_id", "item_id"], keep="last")
+        tables = {
+            "items": self.items,
+            "users": pd.DataFrame({"user_id": self.user_ids, "attributes": [None] * len(self.user_ids)}),
+            "events": events,
+            "triples": pd.DataFrame({"head": [], "relation": [], "tail": []}, dtype=str),
+            "links": pd.DataFrame(self.links, columns=["item_id", "entity_id"]),
+            "split": split,
+        }
+        return Dataset.write(root, tables, source={"generator": "tests.ranking.world"})
+
+
 def make_world(
     n_users: int = 200,
     n_items: int = 400,

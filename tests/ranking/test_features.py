@@ -1,0 +1,134 @@
+"""Feature builder: shapes, and KG path counts equal to a brute-force walk of the same graph."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ranking.features import FEATURE_NAMES, KG_PATH_FEATURES, FeatureBuilder
+from tests.ranking.world import context_from_world, make_world
+
+
+@pytest.fixture(scope="module")
+def small():
+    world = make_world(n_users=40, n_items=60, n_brands=5, n_categories=4, n_entities=6, seed=11)
+    ctx = context_from_world(world)
+    return world, ctx, FeatureBuilder(ctx)
+
+
+def brute_force_paths(ctx, u: int, i: int) -> dict[str, int]:
+    """Count typed simple paths user -[PURCHASED|CARTED]-> j ... -> i by walking neighbours one pair at a time."""
+    rels = []  # (j, multiplicity) one entry per PURCHASED / CARTED relationship
+    for ev in ("purchase", "cart"):
+        row = ctx.interactions[ev][u]
+        rels += [int(j) for j in row.indices]
+    out = {k: 0 for k in KG_PATH_FEATURES}
+    inc = {
+        "kg_paths_brand": ctx.item_brand,
+        "kg_paths_category": ctx.item_category,
+        "kg_paths_attribute": ctx.item_attribute,
+        "kg_paths_entity": ctx.item_entity,
+    }
+    buyers = {}
+    for ev in ("purchase", "cart"):
+        coo = ctx.interactions[ev].tocoo()
+        for v, j in zip(coo.row, coo.col):
+            buyers.setdefault(int(j), []).append(int(v))
+    for j in rels:
+        if j == i:
+            continue  # u -> i -> ... -> i repeats i
+        out["kg_paths_also_bought"] += int(ctx.also_bought[j, i])
+        for name, m in inc.items():
+            out[name] += len(set(m[j].indices) & set(m[i].indices))
+        for v in buyers.get(j, []):
+            if v != u:
+                out["kg_paths_co_buyer"] += sum(1 for vv in buyers.get(i, []) if vv == v)
+    return out
+
+
+def test_shapes_names_and_missing_query(small):
+    _, ctx, fb = small
+    users = np.array([0, 3, 7])
+    cand = np.tile(np.arange(10), (3, 1))
+    fm = fb.build(users, cand)
+    assert fm.X.shape == (30, len(FEATURE_NAMES)) and fm.X.dtype == np.float32
+    assert fm.names == FEATURE_NAMES
+    assert np.isnan(fm.column("query_similarity")).all()
+    assert list(fm.group) == [10, 10, 10]
+    # gnn_score is the dot product, row u*C + c
+    assert fm.row(1, 4)[FEATURE_NAMES.index("gnn_score")] == pytest.approx(
+        float(ctx.user_vectors[3] @ ctx.item_vectors[4]), rel=1e-5
+    )
+
+
+def test_query_similarity_is_cosine_to_item_text(small):
+    _, ctx, fb = small
+    q = np.random.default_rng(0).normal(size=ctx.item_text.shape[1]).astype(np.float32)
+    fm = fb.build(np.array([2]), np.arange(8).reshape(1, -1), q)
+    expected = ctx.item_text[:8] @ (q / np.linalg.norm(q))
+    np.testing.assert_allclose(fm.column("query_similarity"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kg_path_counts_match_brute_force(small):
+    _, ctx, fb = small
+    rng = np.random.default_rng(1)
+    users = rng.choice(ctx.num_users, 12, replace=False)
+    cand = np.stack([rng.choice(ctx.num_items, 15, replace=False) for _ in users])
+    # include bought items themselves among candidates: their self-paths must be excluded
+    for r, u in enumerate(users):
+        bought = ctx.interactions["purchase"][u].indices
+        if len(bought):
+            cand[r, 0] = bought[0]
+    fm = fb.build(users, cand)
+    checked_nonzero = 0
+    for r, u in enumerate(users):
+        for c, i in enumerate(cand[r]):
+            expected = brute_force_paths(ctx, int(u), int(i))
+            row = fm.row(r, c)
+            for k, v in expected.items():
+                assert row[FEATURE_NAMES.index(k)] == pytest.approx(v), (u, i, k)
+            checked_nonzero += sum(v > 0 for v in expected.values())
+            assert row[FEATURE_NAMES.index("kg_paths_total")] == pytest.approx(sum(expected.values()))
+    assert checked_nonzero > 20  # the comparison covered real paths, not only zeros
+
+
+def test_shares_and_price_ratio(small):
+    _, ctx, fb = small
+    u = int(np.argmax(ctx.history_size))
+    bought = ctx.history[u].indices
+    i = int(bought[0])
+    others = [j for j in range(ctx.num_items) if j not in set(bought)]
+    fm = fb.build(np.array([u]), np.array([[i] + others[:5]]))
+    brand = ctx.brand_of_item[others[0]]
+    expected_share = np.mean(ctx.brand_of_item[bought] == brand)
+    assert fm.row(0, 1)[FEATURE_NAMES.index("brand_share")] == pytest.approx(expected_share, rel=1e-5)
+    med = np.median(ctx.item_price[bought])
+    assert fm.row(0, 1)[FEATURE_NAMES.index("price_ratio")] == pytest.approx(ctx.item_price[others[0]] / med, rel=1e-5)
+    # the user's own purchase of i is a direct-interaction feature
+    assert fm.row(0, 0)[FEATURE_NAMES.index("user_item_purchases")] >= 1
+
+
+def test_removing_path_edges_lowers_kg_features(small):
+    world, ctx, fb = small
+    hetero, ids = world.hetero()
+    # a (user, item) pair with a same-brand path
+    u, i, fm = None, None, None
+    for uu in range(ctx.num_users):
+        fm = fb.build(np.array([uu]), np.arange(ctx.num_items).reshape(1, -1))
+        col = fm.column("kg_paths_brand")
+        if col.max() > 0:
+            u, i = uu, int(np.argmax(col))
+            break
+    assert u is not None
+    before = fm.row(0, i)[FEATURE_NAMES.index("kg_paths_brand")]
+    # remove the candidate's MADE_BY edge: every brand path to it goes through it
+    key = ("item", "made_by", "brand")
+    ei = hetero[key].edge_index
+    item_pos = ids["item"].index(ctx.item_ids[i])
+    keep = ei[0] != item_pos
+    hetero[key].edge_index = ei[:, keep]
+    hetero[key].edge_weight = hetero[key].edge_weight[keep]
+    ctx2 = context_from_world(world, hetero, ids)
+    after = FeatureBuilder(ctx2).build(np.array([u]), np.array([[i]])).X[0, FEATURE_NAMES.index("kg_paths_brand")]
+    assert before >= 1 and after == 0
+    assert isinstance(ei, torch.Tensor)
