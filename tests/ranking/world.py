@@ -163,8 +163,8 @@ def make_world(
             kind = rng.choice(["purchase", "cart", "click", "view"], p=[0.4, 0.2, 0.2, 0.2])
             test_rows.append((user_ids[u], item_ids[it], str(kind), ts))
     cols = ["user_id", "item_id", "type", "timestamp"]
-    train = pd.DataFrame(train_rows, columns=cols)
-    test = pd.DataFrame(test_rows, columns=cols)
+    train = pd.DataFrame(train_rows, columns=cols).assign(value=np.nan, query=None)
+    test = pd.DataFrame(test_rows, columns=cols).assign(value=np.nan, query=None)
     # Co-purchases -> ALSO_BOUGHT (count >= 2)
     bought = train[train["type"] == "purchase"][["user_id", "item_id"]].drop_duplicates()
     pairs = bought.merge(bought, on="user_id")
