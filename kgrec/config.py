@@ -104,6 +104,28 @@ class ServeConfig(_Section):
     max_upload_bytes: int = 10 * 1024 * 1024
 
 
+class EnrichmentConfig(_Section):
+    """Offline catalog enrichment (``kgrec enrich``): attribute inference, duplicates, SIMILAR_TO, COMPLEMENTS."""
+
+    threshold: float = Field(0.8, ge=0.0, le=1.0)  # calibrated confidence an inferred value needs to be written
+    folds: int = Field(5, ge=2)  # cross-validation folds over items with known values (hidden-value training)
+    seed: int = 2020
+    min_labelled: int = 20  # items with a known value an attribute needs before it is inferred
+    min_applicable_share: float = 0.5  # an attribute is missing (not inapplicable) where >= this share of the category has it
+    knn_k: int = 10  # labelled neighbours that vote (cosine-weighted)
+    classifier_dims: int = 64  # PCA components of the content vectors fed to the logistic regression
+    classifier_c: float = 1.0  # inverse L2 strength of that regression
+    kg_smoothing: float = 1.0  # pseudo-votes of the catalog-wide value frequencies in every KG vote
+    prompt: str = "a photo of a {value} {noun}"  # CLIP zero-shot prompt; noun = the item's leaf category
+    duplicate_k: int = 10  # neighbours per item compared for duplicates (blocking)
+    duplicate_min_cosine: float = 0.8  # floor under the data-chosen text/image cosine thresholds (centred vectors)
+    duplicate_price_tolerance: float = 0.02  # relative price difference still counted as the same price
+    similar_k: int = 5  # SIMILAR_TO neighbours per item
+    similar_min_cosine: float = 0.5  # centred content cosine a SIMILAR_TO pair needs
+    complement_min_users: int = 2  # common buyers a COMPLEMENTS pair (different categories) needs
+    exclude_sources: list[str] = Field(default_factory=list)  # attribute evidence left out, e.g. ["text", "zero_shot"]
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     kg: KGConfig = Field(default_factory=KGConfig)
@@ -111,6 +133,7 @@ class Config(_Section):
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     ranking: RankingConfig = Field(default_factory=RankingConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    enrichment: EnrichmentConfig = Field(default_factory=EnrichmentConfig)
 
     @classmethod
     def load(
