@@ -71,6 +71,7 @@ PATH_KINDS: dict[str, tuple[float, str | None]] = {
     "attribute": (0.7, "kg_paths_attribute"),
     "category": (0.6, "kg_paths_category"),
     "co_buyer": (0.5, "kg_paths_co_buyer"),
+    "co_interest": (0.3, None),  # another user who only viewed / clicked one of the two items
     "direct": (0.4, None),
     "other": (0.2, None),
 }
@@ -512,6 +513,8 @@ def _path_kind(path: KGPath) -> str:
         return "also_bought"
     if path.length == 3 and labels[1] == "Item":
         middle = labels[2]
+        if middle == "User" and not all(r in ("PURCHASED", "CARTED") for r in rels):
+            return "co_interest"
         return {
             "Brand": "brand",
             "Category": "category",
@@ -534,7 +537,9 @@ def _path_text(path: KGPath, names: list[str], kind: str) -> str:
         link = {"brand": "same brand", "category": "same category", "attribute": "both", "entity": "both linked to"}[kind]
         return f"{verb} *{names[1]}* — {link} *{names[2]}* — *{names[3]}*"
     if kind == "co_buyer":
-        return f"{verb} *{names[1]}* — another customer who has it also chose — *{names[3]}*"
+        return f"{verb} *{names[1]}* — another customer who bought it also chose — *{names[3]}*"
+    if kind == "co_interest":
+        return f"{verb} *{names[1]}* — another customer interested in it also looked at — *{names[3]}*"
     parts = [verb, f"*{names[1]}*"]
     for s, n in zip(steps[1:], names[2:]):
         parts += [f"— {s.rel.lower().replace('_', ' ')} —", f"*{n}*"]
