@@ -79,12 +79,14 @@ def build_clip(
     packaged_towers: bool = True,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    image_size: int | None = None,
 ) -> tuple[torch.nn.Module, Any, Any]:
     """``(model, preprocess, tokenizer)`` for an open_clip config name.
 
     ``pretrained`` is an open_clip tag or a local checkpoint file (full CLIP weights). Without it, and with
     ``packaged_towers``, towers that have packaged weights get them (EfficientNet-Lite0 vision, MiniLM text);
-    everything else is initialised randomly from ``seed``.
+    everything else is initialised randomly from ``seed``. ``image_size`` overrides the config's input size
+    (convolutional towers such as EfficientNet accept any size; smaller is faster on CPU).
     """
     import open_clip
     from open_clip.tokenizer import HFTokenizer
@@ -98,13 +100,15 @@ def build_clip(
         text_cfg["hf_model_pretrained"] = packaged_towers and pretrained is None
         overrides["text_cfg"] = text_cfg
     image_kwargs: dict[str, Any] = {}
+    if image_size is not None:
+        image_kwargs["force_image_size"] = int(image_size)
     if "timm_model_name" in vision_cfg and pretrained is None:
         import timm
 
         # timm's defaults carry the normalisation each backbone was trained with ([-1, 1] for the Lite models)
         pcfg = timm.models.get_pretrained_cfg(vision_cfg["timm_model_name"])
         if pcfg is not None:
-            image_kwargs = {"image_mean": tuple(pcfg.mean), "image_std": tuple(pcfg.std)}
+            image_kwargs.update(image_mean=tuple(pcfg.mean), image_std=tuple(pcfg.std))
     torch.manual_seed(seed)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -161,6 +165,7 @@ class ClipEncoder:
         batch_size: images/texts per forward pass.
         num_workers: DataLoader workers decoding images (0 = in the calling process).
         seed: initialisation of the parts without pretrained weights.
+        image_size: input size override (a fit-clip checkpoint records the size it was trained at).
     """
 
     def __init__(
@@ -175,12 +180,14 @@ class ClipEncoder:
         seed: int = 0,
         packaged_towers: bool = True,
         show_progress: bool = False,
+        image_size: int | None = None,
     ):
         self.checkpoint = Path(checkpoint) if checkpoint else None
         if self.checkpoint is not None:
             spec = read_checkpoint_config(self.checkpoint)
             model, pretrained = spec["model"], spec.get("pretrained")
             seed = spec.get("seed", seed)
+            image_size = spec.get("image_size", image_size)
         self.name = model
         self.pretrained = pretrained
         self.device = resolve_device(device)
@@ -188,7 +195,7 @@ class ClipEncoder:
         self.num_workers = int(num_workers)
         self.show_progress = show_progress
         self.model, self.preprocess, self.tokenizer = build_clip(
-            model, pretrained, packaged_towers=packaged_towers, seed=seed
+            model, pretrained, packaged_towers=packaged_towers, seed=seed, image_size=image_size
         )
         if self.checkpoint is not None:
             load_checkpoint_weights(self.model, self.checkpoint)
@@ -207,7 +214,9 @@ class ClipEncoder:
     @property
     def model_id(self) -> str:
         if self._model_id is None:
-            self._model_id = f"clip:{self.name}:{self.pretrained or 'base'}:{module_fingerprint(self.model)[:16]}"
+            self._model_id = (
+                f"clip:{self.name}:{self.pretrained or 'base'}:{module_fingerprint(self.model)[:16]}:{self.image_size[0]}px"
+            )
         return self._model_id
 
     def invalidate_id(self) -> None:
