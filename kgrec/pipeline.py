@@ -1,0 +1,700 @@
+"""The ``Recommender``: the one object most users touch. It wires data -> kg + encoders -> fusion -> ranking.
+
+``Recommender.fit(dataset, config)`` does, in order:
+
+1. **split** the events into train / valid / test (the dataset's own ``split.parquet`` when it has one, else a
+   per-user temporal split of the (user, item) pairs by first interaction, 80/10/10);
+2. **graph**: load the whole dataset into the configured ``GraphStore`` (embedded by default, Neo4j with
+   ``kg.backend: neo4j``) and export it to ``HeteroData``;
+3. **encode** every item (BERT text, CLIP image and CLIP text; cached by content hash);
+4. **GNN + fusion** on the train pairs and the KG relations, early-stopped on valid NDCG@20;
+5. **ranker**: LightGBM LambdaRank on the GNN's top candidates of each user, labelled by the user's valid events
+   (graded purchase > cart > click > view), features computed from train-only interactions (no leakage);
+6. **evaluate** on test (history = train + valid masked): popularity, EASE, GNN retrieval, GNN + ranker.
+
+The fitted object serves ``recommend`` / ``similar`` / ``search`` / ``explain`` with every event as history, and
+``save`` / ``load`` it as a bundle directory (see ``kgrec.bundle``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from kgrec import __version__
+from kgrec.bundle import read_idmap, read_manifest, write_bundle, write_idmap
+from kgrec.config import Config
+from kgrec.data.schema import Dataset
+from kgrec.errors import BundleError, DataError, UnknownIdError
+
+logger = logging.getLogger(__name__)
+
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+KS = (10, 20)
+
+
+# ---------------------------------------------------------------------------------------------------- results
+@dataclass
+class Recommendation:
+    """One recommended (or found) item. ``explanation`` follows ``ranking/explanation.schema.json``."""
+
+    item_id: str
+    score: float
+    rank: int
+    title: str = ""
+    image: str | None = None
+    explanation: dict[str, Any] | None = None
+    sources: dict[str, float] = field(default_factory=dict)  # per-signal scores (search: text / clip)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"item_id": self.item_id, "score": self.score, "rank": self.rank, "title": self.title,
+               "image": self.image}
+        if self.sources:
+            out["sources"] = self.sources
+        if self.explanation is not None:
+            out["explanation"] = self.explanation
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _index(ids: Sequence[str]) -> dict[str, int]:
+    return {v: i for i, v in enumerate(ids)}
+
+
+def _event_pairs(events: pd.DataFrame, user_pos: dict[str, int], item_pos: dict[str, int]) -> pd.DataFrame:
+    """Unique (user, item) pairs with the first interaction time; unknown ids dropped (logged)."""
+    u = events["user_id"].astype(str).map(user_pos)
+    i = events["item_id"].astype(str).map(item_pos)
+    ok = u.notna() & i.notna()
+    if (~ok).any():
+        logger.warning("%d events reference users/items missing from the graph; ignored", int((~ok).sum()))
+    df = pd.DataFrame({
+        "u": u[ok].astype(np.int64).to_numpy(),
+        "i": i[ok].astype(np.int64).to_numpy(),
+        "ts": pd.to_datetime(events.loc[ok, "timestamp"], utc=True).astype("int64").to_numpy() // 10**9,
+    })
+    return df.groupby(["u", "i"], as_index=False)["ts"].min()
+
+
+def split_pairs(dataset: Dataset, events: pd.DataFrame, user_pos: dict[str, int], item_pos: dict[str, int],
+                seed: int = 2020) -> pd.DataFrame:
+    """(u, i, ts, split) for every interacted pair: the dataset's own split if present, else per-user temporal."""
+    pairs = _event_pairs(events, user_pos, item_pos)
+    given = dataset.split
+    if given is not None and len(given):
+        g = pd.DataFrame({
+            "u": given["user_id"].astype(str).map(user_pos),
+            "i": given["item_id"].astype(str).map(item_pos),
+            "split": given["split"].map(SPLIT_CODES),
+        }).dropna()
+        g = g.astype({"u": np.int64, "i": np.int64, "split": np.int8}).drop_duplicates(["u", "i"])
+        pairs = pairs.merge(g, on=["u", "i"], how="right").fillna({"ts": 0}).astype({"ts": np.int64})
+        logger.info("using the dataset's own split: %s", pairs["split"].value_counts().to_dict())
+        return pairs
+    from fusion.splits import temporal_split
+
+    pairs["split"] = temporal_split(pairs["u"].to_numpy(), pairs["ts"].to_numpy() * 1000 + pairs["i"].to_numpy() % 1000)
+    return pairs
+
+
+def interaction_view(hetero: Any, id_maps: dict[str, list[str]], events: pd.DataFrame,
+                     also_bought_min_count: int) -> Any:
+    """A copy of ``hetero`` whose user->item edges and ALSO_BOUGHT edges come from ``events`` only.
+
+    Used so that ranker features for training see only the training history (no leakage of the labels' events).
+    """
+    import copy
+
+    import torch
+
+    from kg.schema import INTERACTION_RELS
+
+    out = copy.copy(hetero)
+    out = out.clone() if hasattr(out, "clone") else out
+    user_pos, item_pos = _index(id_maps.get("user", [])), _index(id_maps.get("item", []))
+    n_users, n_items = len(user_pos), len(item_pos)
+    u = events["user_id"].astype(str).map(user_pos)
+    i = events["item_id"].astype(str).map(item_pos)
+    ok = (u.notna() & i.notna()).to_numpy()
+    df = pd.DataFrame({"u": u[ok].astype(np.int64).to_numpy(), "i": i[ok].astype(np.int64).to_numpy(),
+                       "type": events["type"].to_numpy()[ok]})
+    for etype, rel in INTERACTION_RELS.items():
+        key = ("user", rel.lower(), "item")
+        sub = df[df["type"] == etype].groupby(["u", "i"]).size().reset_index(name="n")
+        sub = sub.sort_values(["u", "i"])
+        out[key].edge_index = torch.as_tensor(np.stack([sub["u"].to_numpy(), sub["i"].to_numpy()]).astype(np.int64)
+                                              if len(sub) else np.zeros((2, 0), dtype=np.int64))
+        out[key].edge_weight = torch.as_tensor(sub["n"].to_numpy(dtype=np.float32))
+    bought = df[df["type"] == "purchase"].drop_duplicates(["u", "i"])
+    key = ("item", "also_bought", "item")
+    if len(bought):
+        p = sp.csr_matrix((np.ones(len(bought), dtype=np.float32), (bought["u"], bought["i"])), shape=(n_users, n_items))
+        co = sp.triu(p.T @ p, k=1).tocoo()
+        keep = co.data >= also_bought_min_count
+        order = np.lexsort((co.col[keep], co.row[keep]))
+        out[key].edge_index = torch.as_tensor(np.stack([co.row[keep][order], co.col[keep][order]]).astype(np.int64))
+        out[key].edge_weight = torch.as_tensor(co.data[keep][order].astype(np.float32))
+    else:
+        out[key].edge_index = torch.zeros((2, 0), dtype=torch.long)
+        out[key].edge_weight = torch.zeros(0)
+    return out
+
+
+def _to_csr(u: np.ndarray, i: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    from fusion.metrics import to_csr
+
+    return to_csr(np.asarray(u, dtype=np.int64), np.asarray(i, dtype=np.int64), shape)
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    sd = x.std()
+    return (x - x.mean()) / sd if sd > 1e-12 else x - x.mean()
+
+
+# ---------------------------------------------------------------------------------------------------- Recommender
+class Recommender:
+    """Fit, serve, explain, save and load the whole recommender.
+
+    Build one with :meth:`fit` or :meth:`load`; the constructor only assembles fitted parts.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        user_ids: list[str],
+        item_ids: list[str],
+        model: Any,
+        ranker: Any | None,
+        store: Any,
+        embeddings: Any,
+        items: pd.DataFrame,
+        events: pd.DataFrame,
+        hetero: Any,
+        id_maps: dict[str, list[str]],
+        dataset_root: Path | None,
+        metrics: dict[str, Any] | None = None,
+        encoder_spec: dict[str, Any] | None = None,
+        data_fingerprint: str = "",
+    ):
+        self.config = config
+        self.user_ids, self.item_ids = list(user_ids), list(item_ids)
+        self.user_pos, self.item_pos = _index(self.user_ids), _index(self.item_ids)
+        self.model = model
+        self.ranker = ranker
+        self.store = store
+        self.embeddings = embeddings
+        self.items = items.set_index("item_id", drop=False) if "item_id" in items else items
+        self.events = events
+        self.hetero, self.id_maps = hetero, id_maps
+        self.dataset_root = dataset_root
+        self.metrics = metrics or {}
+        self.encoder_spec = encoder_spec or {}
+        self.data_fingerprint = data_fingerprint
+        self._text_encoder: Any = None
+        self._clip_encoder: Any = None
+        self._context: Any = None
+        self._explainer: Any = None
+        self._seen: sp.csr_matrix | None = None
+
+    # ------------------------------------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(cls, dataset: Dataset | str | Path, config: Config | None = None, *, progress: bool = True,
+            store: Any | None = None, encoders: tuple[Any, Any] | None = None) -> Recommender:
+        """Train every stage on ``dataset`` (see the module docstring). ``store`` overrides the configured graph
+        store; ``encoders`` = (text_encoder, clip_encoder) overrides the configured encoders (tests use tiny ones).
+        """
+        from fusion.train import train_model
+
+        cfg = config or Config()
+        ds = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+
+        # 1. graph ---------------------------------------------------------------------------------------------
+        store = store if store is not None else open_store(cfg)
+        events = ds.events
+        store.load(ds)
+        hetero, id_maps = store.to_hetero_data()
+        user_ids, item_ids = list(id_maps["user"]), list(id_maps["item"])
+        if not item_ids:
+            raise DataError(f"{ds.root}: the dataset has no items")
+        user_pos, item_pos = _index(user_ids), _index(item_ids)
+        timings["graph_s"] = time.perf_counter() - t0
+
+        # 2. split ---------------------------------------------------------------------------------------------
+        pairs = split_pairs(ds, events, user_pos, item_pos, seed=cfg.fusion.seed)
+        n_u, n_i = len(user_ids), len(item_ids)
+        tr, va, te = (pairs[pairs["split"] == c] for c in (0, 1, 2))
+        logger.info("pairs: train %d, valid %d, test %d", len(tr), len(va), len(te))
+        if len(tr) == 0:
+            raise DataError(f"{ds.root}: no training interactions; the dataset needs events")
+
+        # 3. encoders ------------------------------------------------------------------------------------------
+        t1 = time.perf_counter()
+        text_enc, clip_enc = encoders if encoders is not None else build_encoders(cfg, ds)
+        embeddings = encode_items(ds, text_enc, clip_enc, cfg)
+        emb_pos = _index(embeddings.item_ids)
+        order = np.array([emb_pos[i] for i in item_ids], dtype=np.int64)
+        text = embeddings.text[order] if embeddings.text.shape[1] else None
+        image = embeddings.image[order] if embeddings.image.shape[1] else None
+        image_present = embeddings.has_image[order] if image is not None else None
+        timings["encode_s"] = time.perf_counter() - t1
+
+        # 4. GNN + fusion --------------------------------------------------------------------------------------
+        t2 = time.perf_counter()
+        model = train_model(
+            n_u, n_i, tr["u"].to_numpy(), tr["i"].to_numpy(), graph=hetero, text=text, image=image,
+            image_present=image_present,
+            valid=(va["u"].to_numpy(), va["i"].to_numpy()) if len(va) else None,
+            config=cfg.fusion, progress=progress,
+        )
+        timings["train_gnn_s"] = time.perf_counter() - t2
+
+        items_df = ds.items
+        rec = cls(
+            config=cfg, user_ids=user_ids, item_ids=item_ids, model=model, ranker=None, store=store,
+            embeddings=embeddings, items=items_df, events=events, hetero=hetero, id_maps=id_maps,
+            dataset_root=ds.root, encoder_spec=_encoder_spec(cfg, text_enc, clip_enc),
+            data_fingerprint=ds.fingerprint,
+        )
+        rec._text_encoder, rec._clip_encoder = text_enc, clip_enc
+
+        # 5. ranker on valid labels, features from train-only history -----------------------------------------
+        t3 = time.perf_counter()
+        ev_split = rec._event_splits(events, pairs)
+        if len(va):
+            rec.ranker = rec._fit_ranker(events[ev_split == 0], events[ev_split == 1], tr)
+        timings["train_ranker_s"] = time.perf_counter() - t3
+
+        # 6. evaluation on test --------------------------------------------------------------------------------
+        t4 = time.perf_counter()
+        if len(te):
+            rec.metrics = rec._evaluate(events[ev_split <= 1], tr, va, te)
+        timings["evaluate_s"] = time.perf_counter() - t4
+        timings["total_s"] = time.perf_counter() - t0
+        rec.metrics["timings"] = timings
+        rec.metrics["counts"] = {"users": n_u, "items": n_i, "train_pairs": len(tr), "valid_pairs": len(va),
+                                 "test_pairs": len(te), "events": len(events)}
+        return rec
+
+    def _event_splits(self, events: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
+        """Split code per event row, from its (user, item) pair (events of pairs without a split: train)."""
+        u = events["user_id"].astype(str).map(self.user_pos).fillna(-1).astype(np.int64).to_numpy()
+        i = events["item_id"].astype(str).map(self.item_pos).fillna(-1).astype(np.int64).to_numpy()
+        key = u * len(self.item_ids) + i
+        lookup = pd.Series(pairs["split"].to_numpy(), index=pairs["u"].to_numpy() * len(self.item_ids) + pairs["i"].to_numpy())
+        lookup = lookup[~lookup.index.duplicated()]
+        return lookup.reindex(key).fillna(0).astype(np.int8).to_numpy()
+
+    def _context_for(self, events: pd.DataFrame) -> Any:
+        from ranking.context import RankingContext
+
+        hetero = interaction_view(self.hetero, self.id_maps, events, self.config.kg.also_bought_min_count)
+        emb_pos = _index(self.embeddings.item_ids)
+        order = np.array([emb_pos[i] for i in self.item_ids], dtype=np.int64)
+        text = self.embeddings.text[order] if self.embeddings.text.shape[1] else None
+        image = self.embeddings.image[order] if self.embeddings.image.shape[1] else None
+        return RankingContext.from_hetero(
+            hetero, self.id_maps,
+            user_vectors=self.model.user_embeddings, item_vectors=self.model.item_embeddings,
+            user_ids=self.user_ids, item_ids=self.item_ids,
+            item_text=text, item_image=image, modality_weights=self.model.modality_weights,
+            items=self.items.reset_index(drop=True), events=events,
+        )
+
+    def _candidates(self, users: np.ndarray, exclude: sp.csr_matrix | None, c: int) -> np.ndarray:
+        from fusion.retrieve import topk_from_scores
+
+        out = []
+        for s in range(0, len(users), 512):
+            b = users[s : s + 512]
+            scores = self.model.score_all(b)
+            idx, _ = topk_from_scores(scores, c, None if exclude is None else exclude[b])
+            out.append(idx)
+        return np.concatenate(out) if out else np.zeros((0, c), dtype=np.int64)
+
+    def _fit_ranker(self, train_events: pd.DataFrame, valid_events: pd.DataFrame, tr: pd.DataFrame) -> Any:
+        from ranking.features import FeatureBuilder
+        from ranking.ranker import Ranker, build_training_set
+
+        cfg = self.config.ranking
+        ctx = self._context_for(train_events)
+        builder = FeatureBuilder(ctx)
+        train_csr = _to_csr(tr["u"], tr["i"], (len(self.user_ids), len(self.item_ids)))
+        users = np.unique(valid_events["user_id"].astype(str).map(self.user_pos).dropna().astype(np.int64))
+        cand = self._candidates(users, train_csr, min(cfg.num_candidates, len(self.item_ids)))
+        ts = build_training_set(builder, users, cand, valid_events)
+        if len(ts.group) < 4:
+            logger.warning("too few users with valid events in their candidates (%d); no ranker", len(ts.group))
+            return None
+        # users split 80/20 for early stopping, seeded
+        rng = np.random.default_rng(cfg.seed)
+        gmask = rng.random(len(ts.group)) < 0.8
+        row_group = np.repeat(np.arange(len(ts.group)), ts.group)
+        rmask = gmask[row_group]
+        ranker = Ranker(cfg, feature_names=ts.names)
+        ranker.fit(ts.X[rmask], ts.y[rmask], ts.group[gmask],
+                   eval_X=ts.X[~rmask], eval_y=ts.y[~rmask], eval_group=ts.group[~gmask])
+        return ranker
+
+    def _evaluate(self, history_events: pd.DataFrame, tr: pd.DataFrame, va: pd.DataFrame, te: pd.DataFrame) -> dict[str, Any]:
+        """Test metrics (RecBole definitions, train+valid masked) for baselines, the GNN and GNN + ranker."""
+        import torch
+
+        from fusion.baselines import EASE, Popularity
+        from fusion.metrics import evaluate, rank_metrics
+        from ranking.features import FeatureBuilder
+
+        shape = (len(self.user_ids), len(self.item_ids))
+        train_csr = _to_csr(tr["u"], tr["i"], shape)
+        seen = _to_csr(np.r_[tr["u"], va["u"]], np.r_[tr["i"], va["i"]], shape)
+        test = _to_csr(te["u"], te["i"], shape)
+        rows: dict[str, dict[str, float]] = {}
+        baselines = [("popularity", Popularity())]
+        if len(self.item_ids) <= 20_000:  # EASE inverts an (I, I) matrix
+            baselines.append(("ease", EASE()))
+        for name, base in baselines:
+            try:
+                base.fit(train_csr)
+                rows[name] = evaluate(lambda u, b=base: torch.as_tensor(b.score(u.numpy())), test, seen, KS)
+            except Exception as exc:  # a baseline must never break training
+                logger.warning("baseline %s failed: %s", name, exc)
+        rows["gnn"] = evaluate(lambda u: self.model.score_all(u), test, seen, KS)
+        if self.ranker is not None:
+            ctx = self._context_for(history_events)
+            builder = FeatureBuilder(ctx)
+            users = np.flatnonzero(np.diff(test.indptr) > 0)
+            c = min(self.config.ranking.num_candidates, len(self.item_ids))
+            cand = self._candidates(users, seen, c)
+            reranked = np.empty((len(users), max(KS)), dtype=np.int64)
+            for s in range(0, len(users), 256):
+                fm = builder.build(users[s : s + 256], cand[s : s + 256])
+                sc = self.ranker.predict(fm.X).reshape(-1, c)
+                sc[cand[s : s + 256] < 0] = -np.inf
+                top = np.argsort(-sc, axis=1, kind="stable")[:, : max(KS)]
+                reranked[s : s + 256] = np.take_along_axis(cand[s : s + 256], top, axis=1)
+            truth = test[users]
+            hits = np.zeros(reranked.shape, dtype=bool)
+            for r in range(len(users)):
+                hits[r] = np.isin(reranked[r], truth.indices[truth.indptr[r] : truth.indptr[r + 1]])
+            vals = rank_metrics(hits, np.diff(truth.indptr), KS)
+            rows["gnn+ranker"] = {k: float(np.mean(v)) for k, v in vals.items()}
+            for k in KS:
+                rows["gnn+ranker"][f"item_coverage@{k}"] = float(len(np.unique(reranked[:, :k])) / len(self.item_ids))
+        return {"test": rows}
+
+    # ------------------------------------------------------------------------------------------------ serving
+    @property
+    def context(self) -> Any:
+        """Ranking context over every event (serving history)."""
+        if self._context is None:
+            self._context = self._context_for(self.events)
+        return self._context
+
+    @property
+    def seen(self) -> sp.csr_matrix:
+        """(U, I) CSR of every (user, item) with any event: excluded from recommendations."""
+        if self._seen is None:
+            p = _event_pairs(self.events, self.user_pos, self.item_pos)
+            self._seen = _to_csr(p["u"], p["i"], (len(self.user_ids), len(self.item_ids)))
+        return self._seen
+
+    @property
+    def explainer(self) -> Any:
+        if self._explainer is None:
+            if self.ranker is None:
+                raise BundleError("this model has no trained ranker (no validation events); explanations need one")
+            from ranking.explain import Explainer
+
+            self._explainer = Explainer(self.context, self.ranker, self.store, config=self.config.ranking)
+        return self._explainer
+
+    def _user_index(self, user_id: str) -> int:
+        if user_id not in self.user_pos:
+            raise UnknownIdError(f"unknown user {user_id!r}: not in the training data; use search(text=...) "
+                                 "or recommend(..., query=...) for users without history")
+        return self.user_pos[user_id]
+
+    def _item_index(self, item_id: str) -> int:
+        if item_id not in self.item_pos:
+            raise UnknownIdError(f"unknown item {item_id!r}: not in the catalog of this bundle")
+        return self.item_pos[item_id]
+
+    def _result(self, i: int, score: float, rank: int, **kw: Any) -> Recommendation:
+        item_id = self.item_ids[i]
+        row = self.items.loc[item_id] if item_id in self.items.index else None
+        title = "" if row is None or pd.isna(row.get("title")) else str(row.get("title"))
+        image = None if row is None or pd.isna(row.get("image")) else str(row.get("image"))
+        return Recommendation(item_id=item_id, score=float(score), rank=rank, title=title, image=image, **kw)
+
+    def recommend(self, user_id: str | None, k: int = 10, query: str | None = None, explain: bool = False,
+                  exclude_seen: bool = True) -> list[Recommendation]:
+        """Top-``k`` items for a user: GNN candidates (plus query matches when ``query`` is given), re-ranked by
+        the LightGBM ranker, optionally explained. A user without history needs a ``query``."""
+        if k < 1:
+            raise DataError(f"k must be at least 1, got {k}")
+        if user_id is None or (user_id not in self.user_pos and query):
+            if not query:
+                raise DataError("recommend needs a user id or a query")
+            return self.search(text=query, k=k)
+        u = self._user_index(user_id)
+        c = min(max(self.config.ranking.num_candidates, k), len(self.item_ids))
+        exclude = self.seen[[u]] if exclude_seen else None
+        cand = self._candidates(np.array([u]), exclude, c)[0]
+        qvec = None
+        if query:
+            qvec = self._query_text_vector(query)
+            qscores = self._search_scores(text=query)
+            if exclude is not None:
+                qscores[exclude.indices] = -np.inf
+            extra = np.argsort(-qscores, kind="stable")[:c]
+            cand = np.unique(np.r_[cand[cand >= 0], extra[np.isfinite(qscores[extra])]])
+        cand = cand[cand >= 0]
+        if self.ranker is None:
+            scores = self.model.score(np.full(len(cand), u), cand)
+            X = None
+        else:
+            from ranking.features import FeatureBuilder
+
+            fm = FeatureBuilder(self.context).build(np.array([u]), cand.reshape(1, -1), qvec)
+            X = fm.X
+            scores = self.ranker.predict(X)
+        order = np.argsort(-scores, kind="stable")[:k]
+        out = [self._result(int(cand[j]), scores[j], r + 1) for r, j in enumerate(order)]
+        if explain and self.ranker is not None:
+            exps = self.explainer.explain_rows(u, cand[order], X[order])
+            for rec, e in zip(out, exps):
+                rec.explanation = e.to_dict()
+        return out
+
+    def explain(self, user_id: str, item_id: str, query: str | None = None) -> Any:
+        """The :class:`ranking.explain.Explanation` of why ``item_id`` suits ``user_id``."""
+        self._user_index(user_id)
+        self._item_index(item_id)
+        qvec = self._query_text_vector(query) if query else None
+        return self.explainer.explain(user_id, item_id, query_vector=qvec)
+
+    def similar(self, item_id: str, k: int = 10) -> list[Recommendation]:
+        """Items closest to ``item_id`` by the fused GNN item vectors (cosine), itself excluded."""
+        i = self._item_index(item_id)
+        idx, sc = self.model.similar_items(i, k)
+        idx, sc = np.atleast_2d(idx)[0], np.atleast_2d(sc)[0]
+        return [self._result(int(j), s, r + 1) for r, (j, s) in enumerate(zip(idx, sc)) if j >= 0]
+
+    # ------------------------------------------------------------------------------------------------ search
+    def _item_order(self) -> np.ndarray:
+        pos = _index(self.embeddings.item_ids)
+        return np.array([pos[i] for i in self.item_ids], dtype=np.int64)
+
+    @property
+    def text_encoder(self) -> Any:
+        if self._text_encoder is None:
+            self._text_encoder, self._clip_encoder = build_encoders(self.config, None, spec=self.encoder_spec,
+                                                                    bundle=getattr(self, "_bundle_path", None))
+        return self._text_encoder
+
+    @property
+    def clip_encoder(self) -> Any:
+        if self._clip_encoder is None:
+            _ = self.text_encoder
+        return self._clip_encoder
+
+    def _query_text_vector(self, text: str) -> np.ndarray | None:
+        if self.text_encoder is None or not self.embeddings.text.shape[1]:
+            return None
+        return self.text_encoder.encode([text])[0]
+
+    def _search_scores(self, text: str | None = None, image: Any = None) -> np.ndarray:
+        """(I,) combined z-scored similarities: BERT text space + CLIP (text->image, image->image)."""
+        order = self._item_order()
+        parts: list[np.ndarray] = []
+        self._last_sources: dict[str, np.ndarray] = {}
+        if text:
+            if self.text_encoder is not None and self.embeddings.text.shape[1]:
+                s = self.embeddings.text[order] @ self.text_encoder.encode([text])[0]
+                self._last_sources["text"] = s
+                parts.append(_zscore(s))
+            if self.clip_encoder is not None and self.embeddings.image.shape[1]:
+                q = self.clip_encoder.encode_texts([text])[0]
+                s = self.embeddings.image[order] @ q
+                s[~self.embeddings.has_image[order]] = np.nan
+                self._last_sources["clip_image"] = s
+                parts.append(np.nan_to_num(_zscore(np.nan_to_num(s, nan=np.nanmin(s) if np.isfinite(s).any() else 0)), nan=0.0))
+        if image is not None:
+            if self.clip_encoder is None or not self.embeddings.image.shape[1]:
+                raise DataError("image search needs a CLIP encoder in the bundle")
+            vecs, status = self.clip_encoder.encode_images_with_status([image])
+            if status[0]:
+                raise DataError(f"the query image cannot be used: {status[0]}")
+            s = self.embeddings.image[order] @ vecs[0]
+            self._last_sources["image"] = s
+            parts.append(_zscore(s))
+        if not parts:
+            raise DataError("search needs text or an image")
+        return np.mean(parts, axis=0)
+
+    def search(self, text: str | None = None, image: Any = None, k: int = 10) -> list[Recommendation]:
+        """Cross-modal search: free text (BERT text space + CLIP text->image) and/or an image (CLIP)."""
+        if k < 1:
+            raise DataError(f"k must be at least 1, got {k}")
+        scores = self._search_scores(text=text, image=image)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [
+            self._result(int(i), scores[i], r + 1,
+                         sources={n: float(v[i]) for n, v in self._last_sources.items() if np.isfinite(v[i])})
+            for r, i in enumerate(order)
+        ]
+
+    # ------------------------------------------------------------------------------------------------ bundle
+    def save(self, path: str | Path) -> Path:
+        """Write the bundle atomically (see ``kgrec.bundle``)."""
+        from kg.embedded_store import EmbeddedStore
+
+        def writer(tmp: Path) -> dict[str, Any]:
+            write_idmap(tmp / "idmaps" / "users.parquet", self.user_ids)
+            write_idmap(tmp / "idmaps" / "items.parquet", self.item_ids)
+            self.model.save(tmp / "fusion")
+            self.embeddings.save(tmp / "embeddings")
+            components = ["idmaps", "fusion", "embeddings", "graph", "encoders", "data"]
+            if self.ranker is not None:
+                self.ranker.save(tmp / "ranker")
+                components.append("ranker")
+            if isinstance(self.store, EmbeddedStore):
+                self.store.save(tmp / "graph")
+                graph = {"backend": "embedded"}
+            else:
+                from kgrec.config import neo4j_settings
+
+                s = neo4j_settings(self.config.kg)
+                graph = {"backend": "neo4j", "uri": s["uri"], "database": s["database"], "user": s["user"]}
+            (tmp / "graph").mkdir(exist_ok=True)
+            (tmp / "graph" / "graph.json").write_text(json.dumps(graph, indent=2), encoding="utf-8")
+            enc_dir = tmp / "encoders"
+            enc_dir.mkdir()
+            spec = dict(self.encoder_spec)
+            ckpt = spec.get("clip_checkpoint_dir")
+            if ckpt and Path(ckpt).is_dir() and not Path(ckpt).is_relative_to(tmp):
+                shutil.copytree(ckpt, enc_dir / "clip")
+                spec["clip_checkpoint_dir"] = "encoders/clip"
+            (enc_dir / "encoders.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
+            data = tmp / "data"
+            data.mkdir()
+            self.items.reset_index(drop=True).to_parquet(data / "items.parquet", index=False)
+            self.events[["user_id", "item_id", "type", "timestamp"]].to_parquet(data / "events.parquet", index=False)
+            (tmp / "evaluation.json").write_text(json.dumps(self.metrics, indent=2, default=float), encoding="utf-8")
+            return {"components": components,
+                    "dataset_root": None if self.dataset_root is None else str(Path(self.dataset_root).resolve())}
+
+        out = write_bundle(path, writer, data_fingerprint=self.data_fingerprint, config_yaml=self.config.to_yaml())
+        logger.info("saved bundle %s", out)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, *, verify: bool = True) -> Recommender:
+        """Open a bundle written by :meth:`save` (clear errors when incomplete or from another format version)."""
+        import yaml
+
+        from encoders.items import ItemEmbeddings
+        from fusion.train import TrainedModel
+
+        info = read_manifest(path, verify=verify)
+        root = info.path
+        for comp in ("fusion", "embeddings", "graph", "encoders", "data"):
+            if not info.has(comp):
+                raise BundleError(f"bundle {root} has no {comp!r} component; re-run `kgrec train`")
+        cfg = Config.model_validate(yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8")))
+        model = TrainedModel.load(root / "fusion")
+        ranker = None
+        if info.has("ranker"):
+            from ranking.ranker import Ranker
+
+            ranker = Ranker.load(root / "ranker")
+        graph = json.loads((root / "graph" / "graph.json").read_text(encoding="utf-8"))
+        if graph["backend"] == "embedded":
+            from kg.embedded_store import EmbeddedStore
+
+            store = EmbeddedStore.open(root / "graph", also_bought_min_count=cfg.kg.also_bought_min_count)
+        else:
+            from kg.neo4j_store import Neo4jStore
+
+            store = Neo4jStore.from_config(cfg.kg)
+        hetero, id_maps = store.to_hetero_data()
+        user_ids = read_idmap(root / "idmaps" / "users.parquet")
+        item_ids = read_idmap(root / "idmaps" / "items.parquet")
+        rec = cls(
+            config=cfg, user_ids=user_ids, item_ids=item_ids, model=model, ranker=ranker, store=store,
+            embeddings=ItemEmbeddings.load(root / "embeddings"),
+            items=pd.read_parquet(root / "data" / "items.parquet"),
+            events=pd.read_parquet(root / "data" / "events.parquet"),
+            hetero=hetero, id_maps=id_maps,
+            dataset_root=Path(info.manifest["dataset_root"]) if info.manifest.get("dataset_root") else None,
+            metrics=json.loads((root / "evaluation.json").read_text(encoding="utf-8")) if (root / "evaluation.json").is_file() else {},
+            encoder_spec=json.loads((root / "encoders" / "encoders.json").read_text(encoding="utf-8")),
+            data_fingerprint=info.manifest.get("data_fingerprint", ""),
+        )
+        rec._bundle_path = root
+        return rec
+
+    def __repr__(self) -> str:
+        return (f"Recommender(users={len(self.user_ids)}, items={len(self.item_ids)}, "
+                f"ranker={'yes' if self.ranker is not None else 'no'}, store={type(self.store).__name__})")
+
+
+# ---------------------------------------------------------------------------------------------------- wiring
+def open_store(cfg: Config, path: str | Path | None = None) -> Any:
+    """The configured ``GraphStore``: embedded (default) or Neo4j (``NEO4J_*`` environment variables)."""
+    if cfg.kg.backend == "neo4j":
+        from kg.neo4j_store import Neo4jStore
+
+        return Neo4jStore.from_config(cfg.kg)
+    from kg.embedded_store import EmbeddedStore
+
+    return EmbeddedStore.from_config(cfg.kg, path)
+
+
+def build_encoders(cfg: Config, dataset: Dataset | None, *, spec: dict[str, Any] | None = None,
+                   bundle: Path | None = None) -> tuple[Any, Any]:
+    """(text encoder, CLIP encoder) from the config, or from a bundle's encoder spec."""
+    from encoders.clip import ClipEncoder
+    from encoders.text import TextEncoder
+
+    ec = cfg.encoders
+    spec = spec or {}
+    text_model = spec.get("text_model", ec.text_model)
+    text = TextEncoder(text_model, max_length=ec.text_max_length, batch_size=ec.text_batch_size, device=ec.device) \
+        if text_model else None
+    ckpt = spec.get("clip_checkpoint_dir", ec.clip_checkpoint)
+    if ckpt and bundle is not None and not Path(ckpt).is_absolute():
+        ckpt = str(bundle / ckpt)
+    clip_model = spec.get("clip_model", ec.clip_model)
+    clip = ClipEncoder(clip_model, ec.clip_pretrained, checkpoint=ckpt, device=ec.device,
+                       batch_size=ec.image_batch_size, num_workers=ec.num_workers) if clip_model else None
+    return text, clip
+
+
+def _encoder_spec(cfg: Config, text: Any, clip: Any) -> dict[str, Any]:
+    return {
+        "text_model": cfg.encoders.text_model if text is not None else None,
+        "text_model_id": getattr(text, "model_id", None),
+        "clip_model": cfg.encoders.clip_model if clip is not None else None,
+        "clip_model_id": getattr(clip, "model_id", None),
+        "clip_checkpoint_dir": cfg.encoders.clip_checkpoint,
+        "package_version": __version__,
+    }
+
+
+def encode_items(ds: Dataset, text_enc: Any, clip_enc: Any, cfg: Config) -> Any:
+    from encoders.items import encode_dataset
+
+    cache = Path(cfg.encoders.cache_dir) if cfg.encoders.cache_dir else ds.root / ".cache" / "embeddings"
+    return encode_dataset(ds, text_enc, clip_enc, cache)
