@@ -504,8 +504,10 @@ def read_recbole(root: Path) -> RawSource:
         return raw
 
     # the user's split: <stem>.{train,valid,test}.inter or {train,valid,test}.{tsv,csv}
-    split_files: dict[str, Path] = dict(split_inters)
-    for s in SPLIT_NAMES:
+    split_files: dict[str, Path] = {}
+    for s in SPLIT_NAMES:  # train, valid, test order
+        if s in split_inters:
+            split_files[s] = split_inters[s]
         for ext in (".tsv", ".csv"):
             if s not in split_files and (root / f"{s}{ext}").is_file():
                 split_files[s] = root / f"{s}{ext}"
