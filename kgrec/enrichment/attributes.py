@@ -211,7 +211,8 @@ def kg_vote_source(neighbours: sp.csr_matrix | np.ndarray, labels: np.ndarray, n
         counts = np.asarray((neighbours @ y).todense(), dtype=np.float64)
     prior = np.bincount(labels[lab], minlength=n_values).astype(np.float64)
     prior = (prior + 1.0) / (prior.sum() + n_values)
-    return (counts + smoothing * prior) / (counts.sum(axis=1, keepdims=True) + smoothing)
+    total = counts.sum(axis=1, keepdims=True) + smoothing
+    return np.where(total > 0, (counts + smoothing * prior) / np.maximum(total, 1e-12), prior)
 
 
 def _noun(category: str | None) -> str:

@@ -186,18 +186,26 @@ def kg_neighbour_graph(item_ids: list[str], brand: np.ndarray, category: np.ndar
 
 
 def classifier_features(features: np.ndarray, dims: int, seed: int) -> np.ndarray:
-    """(n, <= dims) standardised PCA projection of the content vectors (fitted on every item, labels unused)."""
-    from sklearn.decomposition import PCA
+    """(n, <= dims) standardised principal components of the content vectors (fitted on every item, labels unused).
 
+    PCA through the (d, d) covariance and ``eigh``: O(n d^2), no randomised SVD (which is slow and
+    thread-hungry on small matrices). ``seed`` fixes the sign convention only (components are unique up to sign).
+    """
     present = np.any(features != 0, axis=1)
-    out = np.zeros((len(features), 0))
     if present.sum() < 3 or features.shape[1] == 0:
-        return out
+        return np.zeros((len(features), 0))
+    x = features[present].astype(np.float64)
+    mean = x.mean(axis=0)
+    cov = (x - mean).T @ (x - mean) / max(1, len(x) - 1)
+    eigval, eigvec = np.linalg.eigh(cov)
     k = int(min(dims, present.sum() - 1, features.shape[1]))
-    z = PCA(n_components=k, random_state=seed).fit(features[present]).transform(features)
+    order = np.argsort(-eigval)[:k]
+    comps = eigvec[:, order]
+    comps *= np.where(comps[np.abs(comps).argmax(axis=0), np.arange(k)] < 0, -1.0, 1.0)  # deterministic signs
+    z = (features.astype(np.float64) - mean) @ comps
     z[~present] = 0.0
     std = z[present].std(axis=0)
-    return z / np.where(std > 0, std, 1.0)
+    return z / np.where(std > 1e-12, std, 1.0)
 
 
 def run_id_for(dataset_fingerprint: str, model_ids: dict[str, str], settings: dict[str, Any]) -> str:
@@ -287,8 +295,6 @@ def enrich(
     groups, adjacency = kg_neighbour_graph(item_ids, brand, category, dataset.events, also_bought_min_count)
     evidence = ItemEvidence(item_ids, features, image if has_image.any() else None, has_image, texts, category,
                             brand, kg_groups=groups, kg_neighbours=adjacency, prompt_encoder=prompt_encoder)
-    cls_x = classifier_features(features, settings.classifier_dims, settings.seed)
-
     settings_dict = config.model_dump(mode="json") | {"threshold": threshold,
                                                       "also_bought_min_count": also_bought_min_count}
     run_id = run_id_for(dataset.fingerprint, model_ids, settings_dict)
@@ -301,35 +307,42 @@ def enrich(
         "data_fingerprint": dataset.fingerprint,
     }
 
-    tasks = attribute_tasks(items, dataset.item_attributes(), config.min_applicable_share)
     records: list[dict[str, Any]] = []
     attr_report: dict[str, dict[str, Any]] = {}
     results: dict[str, AttributeResult] = {}
-    for task in tqdm(tasks, desc="attributes", unit="attr", disable=not progress):
-        res = infer_attribute(task.name, task.known, task.targets, evidence, cls_x, settings, threshold)
-        results[task.name] = res
-        entry = dict(res.validation)
-        if res.skipped:
-            entry["skipped"] = res.skipped
-            entry["n_written"] = 0
+    # Small dense problems: multi-threaded BLAS only spins on them (25x slower measured on a busy 2-core box).
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        cls_x = classifier_features(features, settings.classifier_dims, settings.seed)
+        tasks = attribute_tasks(items, dataset.item_attributes(), config.min_applicable_share)
+        for task in tqdm(tasks, desc="attributes", unit="attr", disable=not progress):
+            res = infer_attribute(task.name, task.known, task.targets, evidence, cls_x, settings, threshold)
+            results[task.name] = res
+            entry = dict(res.validation)
+            if res.skipped:
+                entry["skipped"] = res.skipped
+                entry["n_written"] = 0
+                attr_report[task.name] = entry
+                logger.info("attribute %s skipped: %s", task.name, res.skipped)
+                continue
+            write = res.confidence >= threshold
+            entry["n_inferred"] = int(len(res.targets))
+            entry["n_written"] = int(write.sum())
+            entry["n_below_threshold"] = int((~write).sum())
             attr_report[task.name] = entry
-            logger.info("attribute %s skipped: %s", task.name, res.skipped)
-            continue
-        write = res.confidence >= threshold
-        entry["n_inferred"] = int(len(res.targets))
-        entry["n_written"] = int(write.sum())
-        entry["n_below_threshold"] = int((~write).sum())
-        attr_report[task.name] = entry
-        for row in np.flatnonzero(write):
-            records.append({
-                "kind": "attribute", "item_id": item_ids[res.targets[row]], "name": task.name,
-                "value": res.values[res.predicted[row]], "confidence": round(float(res.confidence[row]), 4),
-                "evidence": res.evidence(row),
-            })
+            for row in np.flatnonzero(write):
+                records.append({
+                    "kind": "attribute", "item_id": item_ids[res.targets[row]], "name": task.name,
+                    "value": res.values[res.predicted[row]], "confidence": round(float(res.confidence[row]), 4),
+                    "evidence": res.evidence(row),
+                })
 
     dup_settings = DuplicateSettings(k=config.duplicate_k, min_cosine=config.duplicate_min_cosine,
                                      price_tolerance=config.duplicate_price_tolerance)
-    dups = find_duplicates(item_ids, text, image if has_image.any() else None, brand, category, price, dup_settings)
+    source_attrs = [json.loads(a) if isinstance(a, str) and a.strip() else {} for a in items["attributes"]]
+    dups = find_duplicates(item_ids, text, image if has_image.any() else None, brand, category, price, dup_settings,
+                           attributes=source_attrs)
     evidence_cols = [c for c in dups.pairs.columns if c not in ("src", "dst", "confidence")]
     for r in dups.pairs.to_dict("records"):
         records.append({"kind": "relation", "type": "DUPLICATE_OF", "src": r["src"], "dst": r["dst"],

@@ -89,10 +89,12 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 @dataclass
 class DuplicateSettings:
     k: int = 10  # neighbours per item considered (blocking)
-    min_cosine: float = 0.8  # floor under the data-chosen text/image thresholds (centred cosines)
-    price_tolerance: float = 0.02  # relative price difference still counted as "same price"
-    require_same_category: bool = True
+    min_cosine: float = 0.5  # floor under the data-chosen text/image thresholds (centred cosines)
+    price_tolerance: float = 0.005  # relative price difference still counted as "same price"
+    require_same_category: bool = True  # when both are known
+    require_same_brand: bool = True  # when both are known
     require_same_price: bool = True  # when both prices are known
+    require_no_conflict: bool = True  # no attribute name with two different known values
 
 
 @dataclass
@@ -108,7 +110,8 @@ class DuplicateResult:
 
 def _same(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(equal, both_known) for two object arrays of optional strings."""
-    known = np.array([isinstance(x, str) and bool(x) for x in a]) & np.array([isinstance(y, str) and bool(y) for y in b])
+    known = (np.array([isinstance(x, str) and bool(x) for x in a], dtype=bool)
+             & np.array([isinstance(y, str) and bool(y) for y in b], dtype=bool))
     return known & (a == b), known
 
 
@@ -120,22 +123,26 @@ def find_duplicates(
     category: np.ndarray,
     price: np.ndarray,
     settings: DuplicateSettings,
+    attributes: list[dict[str, str]] | None = None,
 ) -> DuplicateResult:
     """Near-duplicate listings from text + image embeddings, with the evidence.
 
     Candidates are each item's top-``k`` content neighbours. A candidate pair is a duplicate when its centred text
     cosine and image cosine both reach thresholds chosen on this catalog (Otsu's cut of each cosine over the
-    candidate pairs, never below ``min_cosine``), its categories agree and its prices agree within
-    ``price_tolerance`` (where known). ``confidence`` is the mean of how far each cosine sits between its
-    threshold and 1, mapped to [0.5, 1]: a ranking score, not a calibrated probability.
+    candidate pairs, never below ``min_cosine``) and the structured facts do not contradict it: same category,
+    same brand, prices within ``price_tolerance`` and no attribute with two different values (each where both
+    sides know it). Embeddings alone cannot tell a re-listed item from a different item with the same brand, colour
+    and material (their cosines overlap); the structured facts can. ``confidence`` is the mean of how far each
+    cosine sits between its threshold and 1, mapped to [0.5, 1]: a ranking score, not a calibrated probability.
 
     Args:
         item_ids: (n,) ids; text: (n, d_t) and image: (n, d_i) raw encoder vectors (zero rows = missing);
-        brand / category: (n,) optional strings; price: (n,) float (NaN unknown).
+        brand / category: (n,) optional strings; price: (n,) float (NaN unknown);
+        attributes: (n,) the items' source attributes ``{name: value}`` (agreement/conflict evidence).
     """
     n = len(item_ids)
     cols = ["src", "dst", "confidence", "text_cosine", "image_cosine", "same_brand", "same_category", "same_price",
-            "price_src", "price_dst"]
+            "price_src", "price_dst", "attributes_agree", "attributes_conflict"]
     if n < 2:
         return DuplicateResult(pd.DataFrame(columns=cols), {}, 0)
     t = centred(text)
@@ -163,12 +170,29 @@ def find_duplicates(
     rel = np.abs(pa_ - pb_) / np.maximum(np.maximum(np.abs(pa_), np.abs(pb_)), 1e-9)
     same_price = price_known & (rel <= settings.price_tolerance)
 
+    agree = np.zeros(len(a), dtype=np.int64)
+    conflict = np.zeros(len(a), dtype=np.int64)
+    if attributes is not None:
+        for p, (x, y) in enumerate(zip(a, b)):
+            ax, ay = attributes[x] or {}, attributes[y] or {}
+            for name in ax.keys() & ay.keys():
+                if ax[name] == ay[name]:
+                    agree[p] += 1
+                else:
+                    conflict[p] += 1
+    brand_known = (np.array([isinstance(x, str) and bool(x) for x in brand[a]], dtype=bool)
+                   & np.array([isinstance(y, str) and bool(y) for y in brand[b]], dtype=bool))
+
     ok = tcos >= t_text
     ok &= np.where(both_img, np.nan_to_num(icos, nan=-1.0) >= t_img, True)
     if settings.require_same_category:
         ok &= ~cat_known | same_cat
+    if settings.require_same_brand:
+        ok &= ~brand_known | same_brand
     if settings.require_same_price:
         ok &= ~price_known | same_price
+    if settings.require_no_conflict:
+        ok &= conflict == 0
     margin_t = (tcos - t_text) / max(1e-9, 1 - t_text)
     margin_i = np.where(both_img, (np.nan_to_num(icos) - t_img) / max(1e-9, 1 - t_img), margin_t)
     confidence = 0.5 + 0.5 * np.clip((margin_t + margin_i) / 2, 0.0, 1.0)
@@ -178,7 +202,8 @@ def find_duplicates(
         "src": ids[a[sel]], "dst": ids[b[sel]], "confidence": np.round(confidence[sel], 4),
         "text_cosine": np.round(tcos[sel], 4), "image_cosine": np.round(icos[sel], 4),
         "same_brand": same_brand[sel], "same_category": same_cat[sel], "same_price": same_price[sel],
-        "price_src": pa_[sel], "price_dst": pb_[sel],
+        "price_src": pa_[sel], "price_dst": pb_[sel], "attributes_agree": agree[sel],
+        "attributes_conflict": conflict[sel],
     }, columns=cols)
     # ids in the frame are ordered so that src < dst (the store keeps symmetric relations once per pair)
     swap = frame["src"].to_numpy(dtype=str) > frame["dst"].to_numpy(dtype=str)
@@ -246,7 +271,7 @@ def complement_pairs(events: pd.DataFrame, category: dict[str, str | None], min_
     r, c, w = co.row[keep], co.col[keep], co.data[keep].astype(np.float64)
     cat_r = np.array([category.get(str(i)) for i in items[r]], dtype=object)
     cat_c = np.array([category.get(str(i)) for i in items[c]], dtype=object)
-    known = np.array([bool(x) for x in cat_r]) & np.array([bool(y) for y in cat_c])
+    known = np.array([bool(x) for x in cat_r], dtype=bool) & np.array([bool(y) for y in cat_c], dtype=bool)
     diff = known & (cat_r != cat_c)
     r, c, w, cat_r, cat_c = r[diff], c[diff], w[diff], cat_r[diff], cat_c[diff]
     frame = pd.DataFrame({
