@@ -118,8 +118,8 @@ class EnrichmentConfig(_Section):
     kg_smoothing: float = 1.0  # pseudo-votes of the catalog-wide value frequencies in every KG vote
     prompt: str = "a photo of a {value} {noun}"  # CLIP zero-shot prompt; noun = the item's leaf category
     duplicate_k: int = 10  # neighbours per item compared for duplicates (blocking)
-    duplicate_min_cosine: float = 0.8  # floor under the data-chosen text/image cosine thresholds (centred vectors)
-    duplicate_price_tolerance: float = 0.02  # relative price difference still counted as the same price
+    duplicate_min_cosine: float = 0.5  # floor under the data-chosen text/image cosine thresholds (centred vectors)
+    duplicate_price_tolerance: float = 0.005  # relative price difference still counted as the same price
     similar_k: int = 5  # SIMILAR_TO neighbours per item
     similar_min_cosine: float = 0.5  # centred content cosine a SIMILAR_TO pair needs
     complement_min_users: int = 2  # common buyers a COMPLEMENTS pair (different categories) needs
