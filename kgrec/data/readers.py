@@ -206,6 +206,9 @@ def read_delimited(path: Path, *, delimiter: str = ",", quoting: bool = True, co
     names = [n.strip().lower() for n in names]
     if len(set(names)) != len(names):
         raise DataError(f"{path}: duplicate column names in the header {names}")
+    if not _is_utf8(path):  # Arrow's invalid-row handler cannot report rows that are not UTF-8
+        return _read_delimited_python(path, names, delimiter=delimiter, quoting=quoting,
+                                      has_header=column_names is None)
     try:
         table = pacsv.read_csv(
             path,
@@ -217,8 +220,12 @@ def read_delimited(path: Path, *, delimiter: str = ",", quoting: bool = True, co
             convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
                                                  strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
-    except pa.ArrowInvalid as exc:
-        raise DataError(f"cannot parse {path} as {'TSV' if delimiter == chr(9) else 'CSV'}: {exc}") from exc
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        # Arrow stops on rows it cannot hand to the invalid-row handler (e.g. a malformed row that is also
+        # invalid UTF-8); the slower pure-Python reader handles every row individually.
+        logger.info("%s: Arrow CSV reader failed (%s); using the row-by-row reader", path, exc)
+        return _read_delimited_python(path, names, delimiter=delimiter, quoting=quoting,
+                                      has_header=column_names is None)
     header_records = 0 if column_names is not None else 1
     n_records = table.num_rows + len(invalid) + header_records
     # record number (1-based, header included) of each parsed row
@@ -254,6 +261,62 @@ def read_delimited(path: Path, *, delimiter: str = ",", quoting: bool = True, co
         lines = lines[~blank]
     table, lines, bad_utf8 = _decode_columns(table, file, lines)
     return RawTable("", _with_origin(table, file, lines), rejected + bad_utf8, blank_rows=n_blank)
+
+
+def _is_utf8(path: Path) -> bool:
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                dec.decode(chunk)
+        dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _read_delimited_python(path: Path, names: list[str], *, delimiter: str, quoting: bool,
+                           has_header: bool) -> RawTable:
+    """Row-by-row CSV reader (``csv`` module): exact line numbers, every bad row rejected individually."""
+    import csv
+
+    file = path.name
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter,
+                        quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE, strict=False)
+    cols: list[list[str]] = [[] for _ in names]
+    lines: list[int] = []
+    rejected: list[dict[str, Any]] = []
+    blank = 0
+    start = 1
+    for k, row in enumerate(reader):
+        line = start
+        start = reader.line_num + 1
+        if k == 0 and has_header:
+            continue
+        if not row or all(v == "" for v in row):
+            blank += 1
+            continue
+        joined = delimiter.join(row)
+        shown = joined.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        if any("\udc80" <= ch <= "\udcff" for ch in joined):
+            rejected.append(_reject(file, line, "invalid_utf8",
+                                    f"{file} line {line}: not valid UTF-8 (re-save the file as UTF-8)", {"text": shown}))
+            continue
+        if len(row) != len(names):
+            rejected.append(_reject(file, line, "malformed_row",
+                                    f"{file} line {line}: expected {len(names)} columns, found {len(row)}",
+                                    {"text": shown}))
+            continue
+        for c, v in zip(cols, row):
+            c.append(v)
+        lines.append(line)
+    table = pa.table({n: pa.array(c, pa.string()) for n, c in zip(names, cols)})
+    return RawTable("", _with_origin(table, file, np.array(lines, dtype=np.int64)), rejected, blank_rows=blank)
 
 
 def _json_cell(v: Any) -> str | None:

@@ -320,9 +320,10 @@ class _Cleaner:
         self._add(key, n)
         return out
 
-    def map(self, t: _Text, mapping: dict[str, str], key: str) -> _Text:
+    def map(self, t: _Text, fn: Callable[[str], str], key: str) -> _Text:
+        """Apply ``fn`` to every distinct value."""
         vals = t.values.to_pylist()
-        out, n = t.remap(pa.array([mapping.get(v, v) for v in vals], pa.string()))
+        out, n = t.remap(pa.array([fn(v) for v in vals], pa.string()))
         self._add(key, n)
         return out
 
@@ -717,7 +718,7 @@ def validate_events(raw: RawTable, config: DataConfig, known_items: pa.Array, kn
     _check_common(flags, {"user_id": user_id, "item_id": item_id, "type": raw_type},
                   [("user_id", user_id, config.max_id_length), ("item_id", item_id, config.max_id_length),
                    ("query", query, config.max_text_length)])
-    etype = cl.map(cl.lower(raw_type, "event_type_normalised"), EVENT_TYPE_SYNONYMS, "event_type_normalised")
+    etype = cl.map(raw_type, lambda v: EVENT_TYPE_SYNONYMS.get(v.lower(), v.lower()), "event_type_normalised")
     flags.flag(etype.not_in(pa.array(EVENT_TYPES)), "invalid_event_type",
                lambda i: f"event type {raw_type.value(i)!r} is not one of {', '.join(EVENT_TYPES)}")
     value, bad_value = _numbers(t, "value")
@@ -787,7 +788,7 @@ def validate_pairs(raw: RawTable, config: DataConfig, name: str, known_items: pa
                                   for c in cols])
     if name == "split":
         raw_split = values["split"]
-        values["split"] = cl.map(cl.lower(raw_split, "split_normalised"), SPLIT_SYNONYMS, "split_normalised")
+        values["split"] = cl.map(raw_split, lambda v: SPLIT_SYNONYMS.get(v.lower(), v.lower()), "split_normalised")
         flags.flag(values["split"].not_in(pa.array(SPLITS)), "invalid_value",
                    lambda i: f"split {raw_split.value(i)!r} is not one of {', '.join(SPLITS)}")
     if known_items is not None and "item_id" in values:
