@@ -313,6 +313,7 @@ class Recommender:
         )
 
     def _candidates(self, users: np.ndarray, exclude: sp.csr_matrix | None, c: int) -> np.ndarray:
+        """(n, c) top GNN items per user (``exclude``: (U, I) CSR over all users; -1 pads when too few)."""
         from fusion.retrieve import topk_from_scores
 
         out = []
@@ -449,14 +450,14 @@ class Recommender:
             return self.search(text=query, k=k)
         u = self._user_index(user_id)
         c = min(max(self.config.ranking.num_candidates, k), len(self.item_ids))
-        exclude = self.seen[[u]] if exclude_seen else None
+        exclude = self.seen if exclude_seen else None
         cand = self._candidates(np.array([u]), exclude, c)[0]
         qvec = None
         if query:
             qvec = self._query_text_vector(query)
             qscores = self._search_scores(text=query)
             if exclude is not None:
-                qscores[exclude.indices] = -np.inf
+                qscores[exclude[u].indices] = -np.inf
             extra = np.argsort(-qscores, kind="stable")[:c]
             cand = np.unique(np.r_[cand[cand >= 0], extra[np.isfinite(qscores[extra])]])
         cand = cand[cand >= 0]
@@ -600,8 +601,12 @@ class Recommender:
         return out
 
     @classmethod
-    def load(cls, path: str | Path, *, verify: bool = True) -> Recommender:
-        """Open a bundle written by :meth:`save` (clear errors when incomplete or from another format version)."""
+    def load(cls, path: str | Path, *, verify: bool = True, encoders: tuple[Any, Any] | None = None) -> Recommender:
+        """Open a bundle written by :meth:`save` (clear errors when incomplete or from another format version).
+
+        ``encoders`` = (text, clip) replaces the encoders named in the bundle (needed when the bundle was trained
+        with encoders built in code rather than named models, e.g. tiny test models).
+        """
         import yaml
 
         from encoders.items import ItemEmbeddings
@@ -643,6 +648,8 @@ class Recommender:
             data_fingerprint=info.manifest.get("data_fingerprint", ""),
         )
         rec._bundle_path = root
+        if encoders is not None:
+            rec._text_encoder, rec._clip_encoder = encoders
         return rec
 
     def __repr__(self) -> str:

@@ -1,0 +1,147 @@
+"""End to end on the small generated catalog with tiny seeded encoders: fit, recommend, explain, search, bundle."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from kgrec.config import Config
+from kgrec.errors import BundleError, DataError, UnknownIdError
+from kgrec.pipeline import Recommender
+
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoders():
+    from encoders.clip import ClipEncoder
+    from encoders.text import TextEncoder
+
+    text = TextEncoder.from_config(TINY_BERT, seed=0, max_length=32, batch_size=16, device="cpu")
+    clip = ClipEncoder("kgrec-tiny-test", device="cpu", batch_size=32, seed=0)
+    return text, clip
+
+
+@pytest.fixture(scope="module")
+def fitted(demo_dataset, tiny_encoders, tmp_path_factory):
+    cfg = Config.load(env={}, overrides={"fusion.epochs": 15, "fusion.dim": 32, "ranking.num_candidates": 50,
+                                          "encoders.cache_dir": str(tmp_path_factory.mktemp("cache"))})
+    return Recommender.fit(demo_dataset, cfg, progress=False, encoders=tiny_encoders)
+
+
+def test_fit_reports_metrics_and_beats_popularity(fitted):
+    test = fitted.metrics["test"]
+    assert {"popularity", "gnn", "gnn+ranker"} <= set(test)
+    for row in test.values():
+        assert 0.0 <= row["ndcg@20"] <= 1.0 and 0.0 <= row["recall@20"] <= 1.0
+    best = max(test["gnn"]["ndcg@20"], test["gnn+ranker"]["ndcg@20"])
+    assert best > test["popularity"]["ndcg@20"]
+    c = fitted.metrics["counts"]
+    assert c["train_pairs"] > c["valid_pairs"] > 0 and c["test_pairs"] > 0
+
+
+def test_recommend_excludes_seen_and_explains(fitted):
+    user = fitted.events["user_id"].value_counts().index[0]
+    recs = fitted.recommend(user, k=5, explain=True)
+    assert len(recs) == 5 and [r.rank for r in recs] == [1, 2, 3, 4, 5]
+    scores = [r.score for r in recs]
+    assert scores == sorted(scores, reverse=True)
+    seen = set(fitted.events.loc[fitted.events["user_id"] == user, "item_id"])
+    assert not seen & {r.item_id for r in recs}
+    for r in recs:
+        e = r.explanation
+        assert e["item_id"] == r.item_id and e["sentence"]
+        # contributions + bias reproduce the ranker score
+        assert sum(e["all_contributions"].values()) + e["base_score"] == pytest.approx(r.score, abs=1e-4)
+        cited = {f["name"] for f in e["features"]}
+        assert cited <= set(fitted.ranker.feature_names)
+    json.dumps([r.to_dict() for r in recs])  # JSON-able
+
+
+def test_unknown_ids_are_clear_errors(fitted):
+    with pytest.raises(UnknownIdError, match="unknown user 'nobody'"):
+        fitted.recommend("nobody", 3)
+    with pytest.raises(UnknownIdError, match="unknown item"):
+        fitted.similar("no-such-item", 3)
+    with pytest.raises(DataError):
+        fitted.recommend(fitted.user_ids[0], 0)
+
+
+def test_user_without_history_is_served_from_a_query(fitted):
+    recs = fitted.recommend("brand-new-user", 4, query="red jacket")
+    assert len(recs) == 4 and all(r.sources for r in recs)
+
+
+def test_search_finds_items_by_their_own_title(fitted):
+    hits = 0
+    titles = fitted.items["title"].tolist()[:20]
+    ids = fitted.items["item_id"].tolist()[:20]
+    for t, i in zip(titles, ids):
+        hits += i in [r.item_id for r in fitted.search(text=t, k=5)]
+    assert hits >= 8  # chance is 20 * 5 / 200 = 0.5; even tiny random towers put an exact title near the top
+
+
+def test_image_search_returns_the_item_itself(fitted, demo_dataset):
+    row = fitted.items.dropna(subset=["image"]).iloc[3]
+    res = fitted.search(image=str(demo_dataset.root / row["image"]), k=3)
+    assert res[0].item_id == row["item_id"]
+
+
+def test_bundle_roundtrip_same_recommendations(fitted, tiny_encoders, tmp_path):
+    path = fitted.save(tmp_path / "bundle")
+    again = Recommender.load(path, encoders=tiny_encoders)
+    user = fitted.user_ids[5]
+    a = [(r.item_id, round(r.score, 5)) for r in fitted.recommend(user, 8)]
+    b = [(r.item_id, round(r.score, 5)) for r in again.recommend(user, 8)]
+    assert a == b
+    assert [r.item_id for r in fitted.similar(fitted.item_ids[0], 5)] == [r.item_id for r in again.similar(again.item_ids[0], 5)]
+    assert fitted.explain(user, a[0][0]).to_dict()["sentence"] == again.explain(user, a[0][0]).to_dict()["sentence"]
+
+
+def test_bundle_damage_and_versions_are_detected(fitted, tmp_path):
+    path = fitted.save(tmp_path / "b")
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    (broken / "fusion" / "model.safetensors").unlink()
+    with pytest.raises(BundleError, match="incomplete"):
+        Recommender.load(broken)
+    old = tmp_path / "old"
+    shutil.copytree(path, old)
+    m = json.loads((old / "manifest.json").read_text())
+    m["format_version"] = 999
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="format version 999"):
+        Recommender.load(old)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(path, tampered)
+    with open(tampered / "ranker" / next(p.name for p in (tampered / "ranker").iterdir()), "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(BundleError, match="damaged"):
+        Recommender.load(tampered)
+
+
+def test_interrupted_save_keeps_previous_bundle(fitted, tmp_path, monkeypatch):
+    import kgrec.bundle as bundle
+
+    path = fitted.save(tmp_path / "b")
+    before = json.loads((path / "manifest.json").read_text())["created"]
+    real = bundle.write_bundle
+    monkeypatch.setattr("kgrec.pipeline.write_bundle", lambda *a, **k: real(*a, **k, _fail_after_write=True))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fitted.save(path)
+    assert json.loads((path / "manifest.json").read_text())["created"] == before
+    assert Recommender.load(path) is not None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.tmp")]
+
+
+def test_similar_items_share_category_more_than_chance(fitted):
+    cats = fitted.items.set_index("item_id")["category"]
+    same, total = 0, 0
+    for item in fitted.item_ids[:30]:
+        for r in fitted.similar(item, 5):
+            same += cats[r.item_id] == cats[item]
+            total += 1
+    share = np.mean(cats.value_counts(normalize=True) ** 2)  # chance of a random pair sharing a category
+    assert same / total > 2 * share
