@@ -1,0 +1,86 @@
+"""ingest(): atomic output, strict mode, validate-only, and the CLI commands."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kgrec.cli import app
+from kgrec.config import DataConfig
+from kgrec.data.ingest import ingest
+from kgrec.data.schema import Dataset
+from kgrec.errors import StrictModeError
+
+
+def _source(root: Path, bad: bool) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "items.csv").write_text("item_id,title\nA,a\nB,b\n")
+    extra = "u1,NOPE,view,2025-01-01\n" if bad else ""
+    (root / "events.csv").write_text("user_id,item_id,type,timestamp\nu1,A,view,2025-01-01\n" + extra)
+    return root
+
+
+def test_strict_mode_writes_nothing_and_keeps_existing_dataset(tmp_path):
+    out = tmp_path / "ds"
+    ingest(_source(tmp_path / "good", bad=False), out)
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(StrictModeError, match=r"1 of 4 rows would be quarantined \(unknown_item 1\)"):
+        ingest(_source(tmp_path / "bad", bad=True), out, strict=True)
+    assert (out / "manifest.json").read_text() == before
+    with pytest.raises(StrictModeError):
+        ingest(tmp_path / "bad", tmp_path / "other", config=DataConfig(strict=True))
+    assert not (tmp_path / "other").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+
+def test_reingest_replaces_the_dataset_without_stale_files(tmp_path):
+    out = tmp_path / "ds"
+    ingest(_source(tmp_path / "bad", bad=True), out)
+    assert Dataset.open(out).manifest["counts"]["events"] == 1
+    (out / "stale.txt").write_text("old")
+    report = ingest(_source(tmp_path / "good", bad=False), out)
+    assert not (out / "stale.txt").exists()
+    assert report.quarantined == 0
+    assert json.loads((out / "quarantine" / "report.json").read_text())["quarantined"] == 0
+    assert Dataset.open(out).manifest["ingest"]["read"] == report.read == 3
+
+
+def test_validate_only(tmp_path):
+    report = ingest(_source(tmp_path / "bad", bad=True), None)
+    assert report.out is None and report.quarantined == 1
+    assert report.tables["events"].reasons == {"unknown_item": 1}
+    assert "unknown_item" in report.to_text()
+
+
+def test_demo_dataset_tables_and_truth_copied(demo_dataset, demo_raw_dir):
+    assert (demo_dataset.root / "truth" / "duplicates.csv").read_bytes() == \
+        (demo_raw_dir / "truth" / "duplicates.csv").read_bytes()
+    assert demo_dataset.manifest["source"]["format"] == "native"
+    assert demo_dataset.manifest["counts"]["events"] < sum(1 for _ in open(demo_raw_dir / "events.csv")) - 1
+
+
+def test_cli_ingest_and_strict_exit_codes(tmp_path):
+    runner = CliRunner()
+    src = _source(tmp_path / "bad", bad=True)
+    res = runner.invoke(app, ["ingest", str(src), "--out", str(tmp_path / "ds")])
+    assert res.exit_code == 0, res.output
+    assert "quarantined by reason" in res.output and "unknown_item" in res.output
+    res = runner.invoke(app, ["ingest", str(src), "--out", str(tmp_path / "ds2"), "--strict"])
+    assert res.exit_code == 1
+    assert not (tmp_path / "ds2").exists()
+    res = runner.invoke(app, ["ingest", str(tmp_path / "missing"), "--out", str(tmp_path / "ds3")])
+    assert res.exit_code == 2
+
+
+def test_cli_demo_data(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["demo-data", str(tmp_path / "raw"), "--items", "40", "--users", "6", "--seed", "2",
+                              "--no-images", "--ingest-to", str(tmp_path / "ds")])
+    assert res.exit_code == 0, res.output
+    ds = Dataset.open(tmp_path / "ds")
+    assert ds.manifest["counts"]["items"] == 40 and ds.manifest["counts"]["users"] == 6
+    assert not (tmp_path / "raw" / "images").exists()
+    shutil.rmtree(tmp_path / "raw")
