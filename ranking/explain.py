@@ -47,6 +47,7 @@ from kgrec.config import RankingConfig
 from kgrec.errors import KgrecError
 from ranking.context import RankingContext
 from ranking.features import FeatureBuilder
+from ranking.graph_paths import paths_to_items
 from ranking.ranker import Ranker
 
 logger = logging.getLogger(__name__)
@@ -234,18 +235,30 @@ class Explainer:
         u = self.ctx.user_index(user_id)
         items = self.ctx.item_indices(list(item_ids))
         fm = self.builder.build(np.array([u]), items.reshape(1, -1), query_vector)
-        contrib = self.ranker.contributions(fm.X)
-        return [
-            self._explain_row(u, int(i), fm.X[k], contrib[k], with_paths=with_paths) for k, i in enumerate(items)
-        ]
+        return self.explain_rows(u, items, fm.X, with_paths=with_paths)
 
     def explain_rows(self, user: int, items: np.ndarray, X: np.ndarray, *, with_paths: bool = True) -> list[Explanation]:
-        """Explain already-featurised rows (``X`` (k, F) of user ``user`` x ``items``), e.g. a ranked list."""
+        """Explain already-featurised rows (``X`` (k, F) of dense user ``user`` x dense ``items``), e.g. the top of
+        a ranked list. One contributions call and one graph walk for all rows."""
+        items = np.asarray(items, dtype=np.int64).ravel()
         contrib = self.ranker.contributions(X)
-        return [self._explain_row(user, int(i), X[k], contrib[k], with_paths=with_paths) for k, i in enumerate(items)]
+        found: dict[tuple[str, str], list[KGPath]] = {}
+        if with_paths and self.store is not None and len(items):
+            targets = [("Item", self.ctx.item_ids[i]) for i in items]
+            try:
+                found = paths_to_items(
+                    self.store, ("User", self.ctx.user_ids[user]), targets,
+                    max_hops=3, limit=self.config.explain_path_limit,
+                )
+            except KgrecError as exc:
+                logger.warning("no KG paths for user %s: %s", self.ctx.user_ids[user], exc)
+        return [
+            self._explain_row(user, int(i), X[k], contrib[k], found.get(("Item", self.ctx.item_ids[i]), []))
+            for k, i in enumerate(items)
+        ]
 
     # ------------------------------------------------------------------ one pair
-    def _explain_row(self, u: int, i: int, x: np.ndarray, contrib: np.ndarray, *, with_paths: bool) -> Explanation:
+    def _explain_row(self, u: int, i: int, x: np.ndarray, contrib: np.ndarray, found: list[KGPath]) -> Explanation:
         ctx = self.ctx
         names = self.builder.names
         score = float(contrib.sum())
@@ -259,7 +272,7 @@ class Explainer:
             phrase = self._phrase(names[j], x[j], u, i)
             if phrase and all(phrase != f.phrase for f in cited):  # brand_share and kg_paths_brand say the same
                 cited.append(CitedFeature(names[j], values[names[j]], c, phrase))
-        paths = self._paths(u, i, all_contrib) if with_paths and self.store is not None else []
+        paths = self._cite_paths(found, all_contrib)
         modality = self._modality(i, values)
         sentence = _sentence(ctx.item_title(i), cited, paths, modality)
         return Explanation(
@@ -297,16 +310,8 @@ class Explainer:
         sims = vectors[hist] @ vectors[i]
         return self.ctx.item_title(int(hist[int(np.argmax(sims))]))
 
-    def _paths(self, u: int, i: int, contrib: dict[str, float]) -> list[CitedPath]:
-        ctx = self.ctx
-        try:
-            found = self.store.paths(
-                ("User", ctx.user_ids[u]), ("Item", ctx.item_ids[i]),
-                max_hops=3, limit=self.config.explain_path_limit,
-            )
-        except KgrecError as exc:
-            logger.warning("no KG paths for %s -> %s: %s", ctx.user_ids[u], ctx.item_ids[i], exc)
-            return []
+    def _cite_paths(self, found: list[KGPath], contrib: dict[str, float]) -> list[CitedPath]:
+        """Rank the store's paths by relevance and keep ``explain_max_paths``, preferring different kinds."""
         scored = [self._cite_path(p, contrib) for p in found if p.length >= 1]
         scored.sort(key=lambda c: -c.relevance)  # stable: ties keep the store's deterministic order
         chosen: list[CitedPath] = []

@@ -32,6 +32,7 @@ LABEL_GRADES: dict[str, int] = {"none": 0, "view": 1, "click": 2, "cart": 3, "ra
 # Gain of each grade in NDCG: written down in ``RankingConfig.label_gain`` (default 0, 1, 2, 4, 8 for grades 0..4).
 DEFAULT_LABEL_GAIN: tuple[float, ...] = tuple(RankingConfig().label_gain)
 SPEC_VERSION = 1
+_SMALL_BATCH = 5_000  # rows below which prediction runs on one thread
 MODEL_FILE = "model.txt"
 SPEC_FILE = "feature_spec.json"
 
@@ -130,13 +131,21 @@ class Ranker:
     def predict(self, X: np.ndarray) -> np.ndarray:
         """(n,) float64 raw ranking scores for (n, F) features."""
         self._check()
-        return self.booster_.predict(np.asarray(X, dtype=np.float32), num_iteration=self.best_iteration_)
+        X = np.asarray(X, dtype=np.float32)
+        return self.booster_.predict(X, num_iteration=self.best_iteration_, num_threads=self._threads(len(X)))
+
+    def _threads(self, n_rows: int) -> int:
+        # One request's few hundred rows: thread start-up and contention cost more than the trees (per-user latency).
+        return 1 if n_rows < _SMALL_BATCH else max(1, self.config.n_jobs)
 
     def contributions(self, X: np.ndarray) -> np.ndarray:
         """(n, F + 1) float64 SHAP contributions (TreeSHAP, ``pred_contrib=True``): one column per feature plus
         the bias last; each row sums to ``predict(X)``."""
         self._check()
-        return self.booster_.predict(np.asarray(X, dtype=np.float32), num_iteration=self.best_iteration_, pred_contrib=True)
+        X = np.asarray(X, dtype=np.float32)
+        return self.booster_.predict(
+            X, num_iteration=self.best_iteration_, pred_contrib=True, num_threads=self._threads(len(X))
+        )
 
     def feature_importance(self) -> dict[str, float]:
         """Total gain per feature name."""

@@ -138,3 +138,23 @@ def test_kg_features_agree_with_store_path_counts(trained, ranking_world, loaded
                 assert row[list(builder.names).index(feature)] == n, (u, i, kind)
                 checked += n
     assert checked > 10
+
+
+def test_paths_to_items_equals_store_paths(trained, ranking_world, loaded_store):
+    """The one-walk-per-user search returns exactly the store's own ``paths`` for every item (content and order)."""
+    from ranking.graph_paths import paths_to_items
+
+    store = loaded_store
+    rng = np.random.default_rng(9)
+    total = 0
+    for u in rng.choice(len(ranking_world.user_ids), 3, replace=False):
+        user = ("User", ranking_world.user_ids[u])
+        bought = ranking_world.train_events[ranking_world.train_events["user_id"] == user[1]]["item_id"].iloc[:2].tolist()
+        items = [("Item", ranking_world.item_ids[i]) for i in trained.candidates[u][:4]] + [("Item", b) for b in bought]
+        for limit in (7, 10_000):
+            got = paths_to_items(store, user, items, max_hops=3, limit=limit)
+            for it in items:
+                expected = store.paths(user, it, max_hops=3, limit=limit)
+                assert got[it] == expected, (user, it, limit)
+                total += len(expected)
+    assert total > 50
