@@ -286,7 +286,10 @@ def _read_delimited_python(path: Path, names: list[str], *, delimiter: str, quot
     text = path.read_bytes().decode("utf-8", "surrogateescape")
     if text.startswith("\ufeff"):
         text = text[1:]
-    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter,
+    import io
+
+    # only \n, \r and \r\n end a line (str.splitlines would also split on \x0b, \x85, ...)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter,
                         quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE, strict=False)
     cols: list[list[str]] = [[] for _ in names]
     lines: list[int] = []

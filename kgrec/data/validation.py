@@ -352,15 +352,10 @@ def first_occurrences(codes: list[np.ndarray]) -> np.ndarray:
             h ^= c.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15 + 2 * j)
             h *= np.uint64(0xBF58476D1CE4E5B9)
             h ^= h >> np.uint64(31)
-    order = np.argsort(h, kind="stable")
-    hs = h[order]
-    same = hs[1:] == hs[:-1]
-    if not same.any():
+    cand = pd.Series(h, copy=False).duplicated(keep=False).to_numpy()  # hash table, O(n)
+    if not cand.any():
         return first
-    cand = np.zeros(n, dtype=bool)
-    cand[1:] |= same
-    cand[:-1] |= same
-    rows = np.sort(order[cand])
+    rows = np.flatnonzero(cand)
     seen: set[tuple[int, ...]] = set()
     cols = [c[rows] for c in codes]
     for k, r in enumerate(rows):

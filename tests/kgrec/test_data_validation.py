@@ -196,7 +196,7 @@ _values = st.sampled_from(["", "1", "4.5", "abc", "nan", "inf"])
 _text = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\r"), max_size=12)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("KGREC_HYPOTHESIS_EXAMPLES", 40)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.tuples(_ids, _ids, _types, _timestamps, _values, _text), min_size=1, max_size=25),
        garbage=st.lists(st.binary(max_size=20), max_size=3))
 def test_events_property_nothing_lost_and_kept_rows_valid(rows, garbage):
@@ -229,7 +229,7 @@ def test_events_property_nothing_lost_and_kept_rows_valid(rows, garbage):
         assert res.read + res.blank_rows == len(rows) + len(garbage)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=int(os.environ.get("KGREC_HYPOTHESIS_EXAMPLES", 30)), deadline=None)
 @given(attrs=st.lists(st.one_of(
     st.dictionaries(st.text(max_size=6), st.one_of(st.text(max_size=6), st.integers(), st.floats(allow_nan=False),
                                                   st.booleans(), st.none()), max_size=3),
