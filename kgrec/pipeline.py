@@ -556,6 +556,155 @@ class Recommender:
             for r, i in enumerate(order)
         ]
 
+    # ------------------------------------------------------------------------------------------------ enrich
+    def enrich(self, dry_run: bool = True, out_dir: str | Path | None = None, threshold: float | None = None,
+               dataset: Dataset | str | Path | None = None) -> Any:
+        """Offline catalog enrichment (missing attributes, duplicates, SIMILAR_TO / COMPLEMENTS) written to the
+        graph store with provenance, or with ``dry_run`` to review files in ``out_dir``. See ``kgrec.enrichment``."""
+        from kgrec.enrichment.job import enrich
+
+        ds = dataset if dataset is not None else self.dataset_root
+        if ds is None:
+            raise DataError("enrich needs the dataset the bundle was trained on; pass dataset=...")
+        ds = ds if isinstance(ds, Dataset) else Dataset.open(ds)
+        report = enrich(ds, self.embeddings, self.store, clip_encoder=self.clip_encoder,
+                        text_encoder=self.text_encoder, threshold=threshold, dry_run=dry_run, out_dir=out_dir,
+                        config=self.config.enrichment, also_bought_min_count=self.config.kg.also_bought_min_count)
+        if not dry_run:
+            self.hetero, self.id_maps = self.store.to_hetero_data()
+            self._context = self._explainer = None
+        return report
+
+    # ------------------------------------------------------------------------------------------------ update
+    def update(self, new_data: Dataset | str | Path, *, retrain_threshold: float = 0.25) -> dict[str, Any]:
+        """Add new items, users and events without retraining the GNN.
+
+        ``new_data`` is a dataset (``kgrec ingest``) of new items and events; its events may reference items and
+        users already in the model (list such items in its items file too; known ids are not re-added). New items
+        are encoded, loaded into the graph and get vectors from their content (the fusion layer's cold-start path)
+        blended with the mean vector of their KG neighbours (items of the same brand and category); new users get
+        the mean vector of the items they interacted with. Returns a report with a drift measure: the share of
+        events and items that the GNN never saw; above ``retrain_threshold`` a full retrain is suggested.
+        """
+        ds = new_data if isinstance(new_data, Dataset) else Dataset.open(new_data)
+        new_items = ds.items
+        new_items = new_items[~new_items["item_id"].isin(self.item_pos)].reset_index(drop=True)
+        new_events = ds.events
+        self.store.load(ds)  # MERGE: idempotent, adds nodes, relationships and refreshes ALSO_BOUGHT
+        n_old_items, n_old_users = len(self.item_ids), len(self.user_ids)
+
+        if len(new_items):
+            sub = Dataset.write(Path(self._scratch()) / "new-items", {"items": new_items},
+                                images_from=ds.root if (ds.root / "images").is_dir() else None)
+            emb = encode_items(sub, self.text_encoder, self.clip_encoder, self.config)
+            content = self.model.item_vectors_from_content(
+                emb.text if emb.text.shape[1] and self.model.fusion.text_proj is not None else None,
+                emb.image if emb.image.shape[1] and self.model.fusion.image_proj is not None else None,
+            )
+            vecs = self._blend_with_kg_neighbours(new_items, content)
+            _, weights = self._content_modality_weights(emb)
+            # images of new items live in the update's dataset: keep absolute paths
+            new_items["image"] = [None if not im else str((ds.root / im).resolve()) for im in new_items["image"]]
+            self._append_items(new_items, emb, vecs, weights)
+        new_user_ids = sorted(set(new_events["user_id"].astype(str)) - set(self.user_pos))
+        if new_user_ids:
+            self._append_users(new_user_ids, new_events)
+        before = len(self.events)
+        self.events = pd.concat([self.events, new_events[self.events.columns.intersection(new_events.columns)]],
+                                ignore_index=True).drop_duplicates(ignore_index=True)
+        new_events = new_events.iloc[: len(self.events) - before]
+        self.hetero, self.id_maps = self.store.to_hetero_data()
+        self._context = self._explainer = self._seen = None
+        unseen_events = int((~new_events["item_id"].isin(self.item_ids[:n_old_items])
+                             | ~new_events["user_id"].astype(str).isin(self.user_ids[:n_old_users])).sum())
+        trained_events = int(self.metrics.get("counts", {}).get("events", len(self.events) - len(new_events)))
+        drift = {
+            "new_items": int(len(self.item_ids) - n_old_items),
+            "new_users": int(len(self.user_ids) - n_old_users),
+            "new_events": int(len(new_events)),
+            "new_item_share": (len(self.item_ids) - n_old_items) / max(len(self.item_ids), 1),
+            "untrained_event_share": (len(self.events) - trained_events) / max(len(self.events), 1),
+            "events_on_untrained_items_or_users": unseen_events,
+        }
+        drift["drift"] = max(drift["new_item_share"], drift["untrained_event_share"])
+        drift["retrain_suggested"] = bool(drift["drift"] > retrain_threshold)
+        self.metrics.setdefault("updates", []).append(drift)
+        if drift["retrain_suggested"]:
+            logger.warning("drift %.2f > %.2f: %d%% of items and %d%% of events were never seen by the GNN; "
+                           "a full retrain (`kgrec train`) is suggested", drift["drift"], retrain_threshold,
+                           100 * drift["new_item_share"], 100 * drift["untrained_event_share"])
+        return drift
+
+    def _scratch(self) -> str:
+        import tempfile
+
+        if getattr(self, "_scratch_dir", None) is None:
+            self._scratch_dir = tempfile.mkdtemp(prefix="kgrec-update-")
+        return self._scratch_dir
+
+    def _content_modality_weights(self, emb: Any) -> tuple[Any, np.ndarray]:
+        import torch
+
+        f = self.model.fusion
+        t = torch.as_tensor(emb.text) if emb.text.shape[1] and f.text_proj is not None else None
+        i = torch.as_tensor(emb.image) if emb.image.shape[1] and f.image_proj is not None else None
+        with torch.no_grad():
+            fused, weights = f(None, t, i)
+        return fused, weights.numpy().astype(np.float32)
+
+    def _blend_with_kg_neighbours(self, new_items: pd.DataFrame, content: np.ndarray) -> np.ndarray:
+        """Average the content vector with the mean trained vector of items sharing brand and category."""
+        known = self.items.reset_index(drop=True)
+        known = known[known["item_id"].isin(self.item_pos)]
+        key = known["brand"].fillna("") + "\x1f" + known["category"].fillna("")
+        groups = pd.Series(known["item_id"].map(self.item_pos).to_numpy()).groupby(key.to_numpy()).apply(list).to_dict()
+        cat_groups = pd.Series(known["item_id"].map(self.item_pos).to_numpy()).groupby(known["category"].fillna("").to_numpy()).apply(list).to_dict()
+        out = content.copy()
+        for r, row in enumerate(new_items.itertuples(index=False)):
+            idx = groups.get(f"{row.brand or ''}\x1f{row.category or ''}") or cat_groups.get(row.category or "")
+            if idx:
+                out[r] = 0.5 * content[r] + 0.5 * self.model.item_embeddings[idx].mean(0)
+        return out.astype(np.float32)
+
+    def _append_items(self, new_items: pd.DataFrame, emb: Any, vecs: np.ndarray, weights: np.ndarray) -> None:
+        from encoders.items import ItemEmbeddings
+
+        m = self.model
+        n_new = len(new_items)
+        m.item_embeddings = np.vstack([m.item_embeddings, vecs])
+        m.modality_weights = np.vstack([m.modality_weights, weights])
+        m.train_matrix = sp.csr_matrix(sp.hstack([m.train_matrix, sp.csr_matrix((m.train_matrix.shape[0], n_new))]))
+        if m.item_item is not None:
+            ii = np.zeros((m.item_item.shape[0] + n_new,) * 2, dtype=np.float32)
+            ii[: m.item_item.shape[0], : m.item_item.shape[1]] = m.item_item
+            m.item_item = ii
+        old = self.embeddings
+
+        def cat(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return np.vstack([a, b]) if a.shape[1] == b.shape[1] else a
+
+        self.embeddings = ItemEmbeddings(
+            old.item_ids + list(emb.item_ids), cat(old.text, emb.text), cat(old.image, emb.image),
+            cat(old.clip_text, emb.clip_text), old.status + list(emb.status), old.reason + list(emb.reason),
+            old.model_ids,
+        )
+        self.item_ids += new_items["item_id"].astype(str).tolist()
+        self.item_pos = _index(self.item_ids)
+        self.items = pd.concat([self.items.reset_index(drop=True), new_items], ignore_index=True)
+        self.items = self.items.set_index("item_id", drop=False)
+
+    def _append_users(self, new_user_ids: list[str], events: pd.DataFrame) -> None:
+        m = self.model
+        vecs = np.zeros((len(new_user_ids), m.user_embeddings.shape[1]), dtype=np.float32)
+        for r, u in enumerate(new_user_ids):
+            items = events.loc[events["user_id"].astype(str) == u, "item_id"].astype(str).map(self.item_pos).dropna()
+            if len(items):
+                vecs[r] = m.user_vector_from_items(items.astype(np.int64).to_numpy())
+        m.user_embeddings = np.vstack([m.user_embeddings, vecs])
+        m.train_matrix = sp.csr_matrix(sp.vstack([m.train_matrix, sp.csr_matrix((len(new_user_ids), m.train_matrix.shape[1]))]))
+        self.user_ids += new_user_ids
+        self.user_pos = _index(self.user_ids)
+
     # ------------------------------------------------------------------------------------------------ bundle
     def save(self, path: str | Path) -> Path:
         """Write the bundle atomically (see ``kgrec.bundle``)."""

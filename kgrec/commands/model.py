@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
     app.command("similar")(similar)
     app.command("search")(search)
     app.command("explain")(explain)
+    app.command("update")(update)
     app.command("demo")(demo)
 
 
@@ -146,6 +147,25 @@ def explain(
 
         write_report(html, {user: [e]}, image_root=rec.dataset_root, title=f"Why {item} for {user}")
         typer.echo(f"wrote {html}")
+
+
+@clean_errors
+def update(
+    bundle: Path = typer.Argument(..., help="Bundle to update in place (atomically)."),
+    new_data: Path = typer.Option(..., "--new-data", help="Dataset (from `kgrec ingest`) with new items/users/events."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the updated bundle here instead of in place."),
+    retrain_threshold: float = typer.Option(0.25, "--retrain-threshold", help="Drift above which a retrain is suggested."),
+) -> None:
+    """Add new items, users and events without retraining the GNN; report drift and suggest a retrain if large."""
+    from kgrec.pipeline import Recommender
+
+    rec = Recommender.load(bundle)
+    report = rec.update(new_data, retrain_threshold=retrain_threshold)
+    rec.save(out or bundle)
+    typer.echo(json.dumps(report, indent=2))
+    if report["retrain_suggested"]:
+        typer.secho(f"drift {report['drift']:.2f} > {retrain_threshold}: a full retrain (`kgrec train`) is suggested",
+                    fg=typer.colors.YELLOW)
 
 
 def write_html(rec: Any, results: dict[str, list[Any]], path: Path, title: str = "Explained recommendations") -> Path:
