@@ -265,3 +265,38 @@ def test_relations_carry_evidence_in_the_store(loaded_store, demo_dataset, demo_
     props = rel[0].properties
     assert props["source"] == "enrichment" and props["run_id"] == report.run_id
     assert json.loads(props["evidence"])["same_price"] is True
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_dry_run_then_write_then_rerun(demo_dataset, demo_embeddings, tmp_path):
+    from typer.testing import CliRunner
+
+    from kg.embedded_store import EmbeddedStore
+    from kgrec.cli import app
+
+    emb_dir, graph, out = tmp_path / "emb", tmp_path / "graph", tmp_path / "out"
+    demo_embeddings.save(emb_dir)
+    runner = CliRunner()
+    base = ["enrich", str(demo_dataset.root), "--embeddings", str(emb_dir), "--no-encoders", "--out", str(out)]
+
+    dry = runner.invoke(app, base + ["--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "dry run" in dry.output and "colour" in dry.output
+    n_records = len(pd.read_parquet(out / "enrichment.parquet"))
+    assert not graph.exists()
+
+    first = runner.invoke(app, base + ["--graph", str(graph), "--threshold", "0.9"])
+    assert first.exit_code == 0, first.output
+    counts = EmbeddedStore.open(graph).counts()
+    assert counts["Item"] == len(demo_dataset.items) and counts["SIMILAR_TO"] > 0
+    second = runner.invoke(app, base + ["--graph", str(graph), "--threshold", "0.9"])
+    assert second.exit_code == 0, second.output
+    assert "'written': 0" in second.output
+    assert EmbeddedStore.open(graph).counts() == counts
+    assert n_records >= counts["SIMILAR_TO"] + counts["DUPLICATE_OF"]
+
+    bad = runner.invoke(app, ["enrich", str(demo_dataset.root), "--embeddings", str(tmp_path / "nope"),
+                              "--no-encoders", "--dry-run"])
+    assert bad.exit_code == 2 and "kgrec encode" in bad.output

@@ -1,0 +1,120 @@
+"""``kgrec enrich``: the offline catalog enrichment job (inferred attributes, duplicates, SIMILAR_TO, COMPLEMENTS)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from kgrec.commands._common import CONFIG_OPTION, clean_errors, load_config
+
+logger = logging.getLogger(__name__)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("enrich")(enrich_command)
+
+
+def _embeddings_for(dataset: Any, embeddings_dir: Path | None, bundle: Path | None, cfg: Any,
+                    encoders: tuple[Any, Any] | None) -> Any:
+    """Precomputed item embeddings (``--embeddings``, the bundle's, ``DATASET/embeddings``), else encode now."""
+    from encoders.items import ItemEmbeddings
+    from kgrec.errors import DataError
+
+    candidates = [embeddings_dir] if embeddings_dir is not None else []
+    if bundle is not None:
+        candidates.append(bundle / "embeddings")
+    candidates.append(Path(dataset.root) / "embeddings")
+    for path in candidates:
+        if (path / "items.json").is_file():
+            typer.echo(f"item embeddings: {path}")
+            return ItemEmbeddings.load(path)
+        if path == embeddings_dir:
+            raise DataError(f"--embeddings {path} holds no item embeddings (items.json); run `kgrec encode` first")
+    if encoders is None:
+        raise DataError(
+            f"no item embeddings found ({', '.join(str(p) for p in candidates)}) and --no-encoders was given; "
+            "run `kgrec encode DATASET` first"
+        )
+    from encoders.factory import default_cache_dir
+    from encoders.items import encode_dataset
+
+    typer.echo("no precomputed item embeddings: encoding the catalog (cached by content)")
+    return encode_dataset(dataset, encoders[0], encoders[1], default_cache_dir(cfg.encoders, dataset.root))
+
+
+def _open_store(cfg: Any, dataset: Any, graph: Path | None, bundle: Path | None) -> tuple[Any, Path | None]:
+    """The graph store to write to, with the dataset loaded when it holds no items yet."""
+    if cfg.kg.backend == "neo4j":
+        from kg.neo4j_store import Neo4jStore
+
+        store = Neo4jStore.from_config(cfg.kg)
+        path = None
+    else:
+        from kg.embedded_store import EmbeddedStore
+
+        path = graph or (bundle / "graph" if bundle is not None else Path(dataset.root) / "graph")
+        store = EmbeddedStore.open(path, also_bought_min_count=cfg.kg.also_bought_min_count)
+    if store.counts().get("Item", 0) == 0:
+        typer.echo("the graph holds no items yet: loading the dataset into it first")
+        store.load(dataset)
+    return store, path
+
+
+@clean_errors
+def enrich_command(
+    dataset: Path = typer.Argument(..., help="Dataset directory (from `kgrec ingest` / `kgrec demo-data`)."),
+    bundle: Path | None = typer.Option(None, "--bundle", "-b",
+                                       help="A `kgrec train` bundle: its embeddings and (embedded) graph are used."),
+    embeddings: Path | None = typer.Option(None, "--embeddings",
+                                           help="Item embeddings from `kgrec encode` [bundle's, else DATASET/embeddings, else encode now]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write nothing to the graph: a reviewable CSV + Parquet instead."),
+    out: Path | None = typer.Option(None, "--out", "-o",
+                                    help="Report, reliability plot (and dry-run files) [DATASET/enrichment]."),
+    threshold: float | None = typer.Option(None, "--threshold", "-t", min=0.0, max=1.0,
+                                           help="Calibrated confidence an inferred value needs [enrichment.threshold]."),
+    backend: str | None = typer.Option(None, "--backend", help="Graph store: embedded | neo4j (NEO4J_* env)."),
+    graph: Path | None = typer.Option(None, "--graph",
+                                      help="Embedded graph directory [bundle's graph, else DATASET/graph]."),
+    use_encoders: bool = typer.Option(True, "--encoders/--no-encoders",
+                                      help="Load the configured encoders for CLIP zero-shot prompts and attribute-free "
+                                           "text vectors (only used when they match the embeddings' models)."),
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Infer missing attribute values (calibrated; nothing below the threshold is written), find near-duplicate
+    listings, derive SIMILAR_TO / COMPLEMENTS, and write them to the graph with provenance. Idempotent."""
+    from kgrec.data.schema import Dataset
+    from kgrec.enrichment import enrich
+
+    cfg = load_config(config, **{"kg.backend": backend, "enrichment.threshold": threshold})
+    ds = Dataset.open(dataset)
+    encoders: tuple[Any, Any] | None = None
+    if use_encoders:
+        from encoders.factory import clip_encoder_from_config, text_encoder_from_config
+
+        encoders = (text_encoder_from_config(cfg.encoders), clip_encoder_from_config(cfg.encoders))
+    emb = _embeddings_for(ds, embeddings, bundle, cfg, encoders)
+    text_enc = clip_enc = None
+    if encoders is not None:
+        # the prompts and the attribute-free texts must live in the same spaces as the embeddings
+        if emb.model_ids.get("text") == encoders[0].model_id:
+            text_enc = encoders[0]
+        else:
+            typer.echo("text encoder differs from the one that made the embeddings: classifier uses the stored text vectors")
+        if emb.model_ids.get("clip") == encoders[1].model_id:
+            clip_enc = encoders[1]
+        else:
+            typer.echo("CLIP encoder differs from the one that made the embeddings: no zero-shot source")
+    store, store_path = (None, None) if dry_run else _open_store(cfg, ds, graph, bundle)
+    out_dir = out or Path(ds.root) / "enrichment"
+    try:
+        report = enrich(ds, emb, store, clip_encoder=clip_enc, text_encoder=text_enc, dry_run=dry_run,
+                        out_dir=out_dir, config=cfg.enrichment, also_bought_min_count=cfg.kg.also_bought_min_count,
+                        progress=True)
+        if store is not None and store_path is not None and report.written and report.written.get("written"):
+            store.save(store_path)
+    finally:
+        if store is not None:
+            store.close()
+    typer.echo(report.to_text())
