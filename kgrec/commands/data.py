@@ -22,6 +22,9 @@ def demo_data(
     images: bool = typer.Option(True, "--images/--no-images", help="Draw a 64x64 PNG per item."),
     events: int | None = typer.Option(None, "--events", min=1, help="Exact number of events (default: ~12 sessions per user)."),
     parquet: bool = typer.Option(False, "--parquet", help="Write Parquet tables instead of JSONL/CSV (big runs)."),
+    noise: float = typer.Option(0.0, "--noise", min=0.0, max=0.5,
+                                help="Share of event rows to corrupt on purpose (plus 4 bad items), listed in "
+                                     "truth/planted_errors.csv, so the ingest report shows quarantining."),
     ingest_to: Path | None = typer.Option(None, "--ingest-to", help="Also ingest the catalog into this dataset directory."),
     config: Path | None = CONFIG_OPTION,
 ) -> None:
@@ -30,7 +33,7 @@ def demo_data(
 
     cfg = load_config(config)
     summary = generate_catalog(out, n_items=items, n_users=users, seed=seed, images=images, n_events=events,
-                               fmt="parquet" if parquet else "text", progress=True)
+                               fmt="parquet" if parquet else "text", noise=noise, progress=True)
     counts = ", ".join(f"{k} {v:,}" for k, v in summary.counts.items())
     typer.echo(f"wrote {out}: {counts} ({summary.seconds:.1f} s)")
     if ingest_to is not None:

@@ -16,6 +16,7 @@ for the item/user/event/triple/link tables, for benchmark-sized runs)::
     truth/missing_attributes.csv   item_id, name, value   (attribute values removed from the listing)
     truth/duplicates.csv           item_id, duplicate_of  (planted near-duplicate listings)
     truth/user_tastes.csv          user_id, categories, brands, colours, price_level ("|"-separated lists)
+    truth/planted_errors.csv       file, line, reason     (rows corrupted on purpose with ``noise > 0``)
 
 What the generator guarantees (tests and other stages rely on it):
   * the image shows the item's category (shape, see ``CATEGORY_SHAPES``) and colour (``COLOURS`` RGB with a
@@ -309,6 +310,7 @@ def generate_catalog(
     n_events: int | None = None,
     sessions_per_user: float = 12.0,
     fmt: Literal["text", "parquet"] = "text",
+    noise: float = 0.0,
     progress: bool = False,
 ) -> CatalogSummary:
     """Write a synthetic raw catalog (items, users, events, knowledge triples, links, images, truth) to ``out_dir``.
@@ -322,6 +324,10 @@ def generate_catalog(
         n_events: exact number of events to produce (sessions are added until reached); default: about
             ``sessions_per_user`` sessions per user, each a few events.
         fmt: ``"text"`` (items.jsonl + CSV) or ``"parquet"`` (one .parquet per table, for big runs).
+        noise: share of event rows to corrupt (unknown item, bad timestamp, invalid type, empty user), plus four
+            bad item rows (duplicate id, missing title, path-traversal image, non-numeric price), so the ingest
+            report has something to quarantine; every planted error is listed in ``truth/planted_errors.csv``
+            (file, line, reason). Text format only; the clean rows do not change with ``noise``.
         progress: show a tqdm bar while drawing images.
     """
     import time
@@ -331,6 +337,10 @@ def generate_catalog(
         raise ValueError("generate_catalog needs n_items >= 10 and n_users >= 1")
     if fmt not in ("text", "parquet"):
         raise ValueError(f"fmt must be 'text' or 'parquet', got {fmt!r}")
+    if noise and fmt != "text":
+        raise ValueError("noise needs fmt='text' (typed Parquet columns cannot hold malformed values)")
+    if not 0.0 <= noise <= 0.5:
+        raise ValueError(f"noise must be in [0, 0.5], got {noise}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "truth").mkdir(exist_ok=True)
@@ -592,9 +602,15 @@ def generate_catalog(
         for row in items_tbl.to_pylist():
             row["attributes"] = json.loads(row["attributes"])
             lines.append(json.dumps(row, ensure_ascii=False))
-        atomic_write_bytes(out / "items.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
         ts_text = pc.strftime(events_tbl.column("timestamp").cast(pa.timestamp("s", tz="UTC")), format="%Y-%m-%dT%H:%M:%SZ")
         events_txt = events_tbl.set_column(3, "timestamp", ts_text)
+        planted: list[tuple[str, int, str]] = []
+        if noise > 0:
+            events_txt, lines, planted = _plant_errors(events_txt, lines, noise, seed)
+        _write_csv(out / "truth" / "planted_errors.csv", pa.table(
+            {"file": [p[0] for p in planted], "line": [p[1] for p in planted], "reason": [p[2] for p in planted]},
+            schema=pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])))
+        atomic_write_bytes(out / "items.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
         _write_csv(out / "users.csv", users_tbl)
         _write_csv(out / "events.csv", events_txt)
         _write_csv(out / "triples.csv", triples_tbl)
@@ -605,6 +621,34 @@ def generate_catalog(
     summary = CatalogSummary(out, counts, time.perf_counter() - t_start)
     logger.info("wrote synthetic catalog to %s: %s (%.1f s)", out, counts, summary.seconds)
     return summary
+
+
+def _plant_errors(events: pa.Table, item_lines: list[str], noise: float, seed: int
+                  ) -> tuple[pa.Table, list[str], list[tuple[str, int, str]]]:
+    """Corrupt a share of event rows and append bad item rows; returns the planted (file, line, reason)."""
+    rng = np.random.default_rng([seed, 7919])  # own stream: the clean data does not depend on noise
+    cols = {c: events.column(c).to_pylist() for c in events.column_names}
+    n = events.num_rows
+    k = min(n, max(1, int(round(noise * n))))
+    kinds = [("item_id", "I_UNKNOWN", "unknown_item"), ("timestamp", "not-a-date", "bad_timestamp"),
+             ("type", "teleport", "invalid_event_type"), ("user_id", "", "missing_required")]
+    planted: list[tuple[str, int, str]] = []
+    for j, i in enumerate(np.sort(rng.choice(n, size=k, replace=False))):
+        col, value, reason = kinds[j % len(kinds)]
+        cols[col][i] = value
+        planted.append(("events.csv", int(i) + 2, reason))  # header is line 1
+    first = json.loads(item_lines[0])
+    bad_items = [
+        ({**first, "title": first["title"] + " (re-listed)"}, "duplicate_id"),
+        ({**first, "item_id": "I_NO_TITLE", "title": "  "}, "missing_required"),
+        ({**first, "item_id": "I_TRAVERSAL", "image": "../../etc/passwd"}, "image_outside_root"),
+        ({**first, "item_id": "I_BAD_PRICE", "price": "free"}, "bad_type"),
+    ]
+    lines = list(item_lines)
+    for row, reason in bad_items:
+        lines.append(json.dumps(row, ensure_ascii=False))
+        planted.append(("items.jsonl", len(lines), reason))
+    return pa.table(cols, schema=events.schema), lines, planted
 
 
 def brand_entity(name: str) -> str:

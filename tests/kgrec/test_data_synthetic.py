@@ -40,7 +40,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     b = _digest(generate_catalog(tmp_path / "b", n_items=60, n_users=15, seed=3).out_dir)
     c = _digest(generate_catalog(tmp_path / "c", n_items=60, n_users=15, seed=4).out_dir)
     assert a == b
-    assert len(a) == 60 + 8  # images + items, users, events, triples, links, 3 truth files
+    assert len(a) == 60 + 9  # images + items, users, events, triples, links, 4 truth files
     assert a["items.jsonl"] != c["items.jsonl"] and a["events.csv"] != c["events.csv"]
 
 
@@ -147,3 +147,19 @@ def test_rejects_bad_arguments(tmp_path):
         generate_catalog(tmp_path, n_items=5)
     with pytest.raises(ValueError):
         generate_catalog(tmp_path, fmt="xml")  # type: ignore[arg-type]
+
+
+def test_planted_errors_are_exactly_what_ingest_quarantines(tmp_path):
+    from kgrec.data.ingest import ingest
+
+    generate_catalog(tmp_path / "raw", n_items=80, n_users=12, seed=5, images=True, noise=0.02)
+    clean = generate_catalog(tmp_path / "clean", n_items=80, n_users=12, seed=5, images=False)
+    planted = {(r["file"], int(r["line"])): r["reason"] for r in _csv(tmp_path / "raw" / "truth" / "planted_errors.csv")}
+    assert len(planted) >= 4 + 4 and set(planted.values()) >= {"unknown_item", "bad_timestamp", "duplicate_id",
+                                                                "image_outside_root"}
+    report = ingest(tmp_path / "raw", tmp_path / "ds")
+    found = {}
+    for p in (tmp_path / "ds" / "quarantine").glob("*.parquet"):
+        found.update({(r["file"], r["line"]): r["reason"] for r in pq.read_table(p).to_pylist()})
+    assert found == planted
+    assert report.tables["events"].read == clean.counts["events"]
