@@ -48,11 +48,16 @@ class TableReport:
     blank_rows: int = 0
     files: list[str] = field(default_factory=list)
     implicit: bool = False
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> first quarantine message
 
     @classmethod
     def from_result(cls, r: TableResult, implicit: bool = False) -> TableReport:
+        examples: dict[str, str] = {}
+        if r.quarantined:
+            for reason, message in zip(r.quarantine.column("reason").to_pylist(), r.quarantine.column("message").to_pylist()):
+                examples.setdefault(reason, message)
         return cls(r.read, r.kept, r.quarantined, r.merged, r.written, dict(r.reasons), dict(r.cleaned), r.blank_rows,
-                   list(r.files), implicit)
+                   list(r.files), implicit, dict(sorted(examples.items())))
 
 
 @dataclass
@@ -107,6 +112,8 @@ class IngestReport:
                 t = self.tables.get(name)
                 for r, n in (t.reasons.items() if t else []):
                     lines.append(f"  {name:<9}{r:<22}{n:>10,}  {REASONS.get(r, '')}")
+                    if r in t.examples:
+                        lines.append(f"  {'':<9}{'':<22}{'':>10}  e.g. {t.examples[r][:120]}")
         cleaned = [(name, k, v) for name in TABLE_NAMES if name in self.tables for k, v in self.tables[name].cleaned.items()]
         if cleaned:
             lines += ["", "cleaned (values changed):"]
