@@ -77,7 +77,9 @@ class Neo4jStore:
         self.also_bought_min_count = also_bought_min_count
         self.progress = progress
         self.driver: Driver = GraphDatabase.driver(
-            uri, auth=(user, password or ""), max_transaction_retry_time=max_retry_time_s
+            uri, auth=(user, password or ""), max_transaction_retry_time=max_retry_time_s,
+            # Queries name every whitelisted type even when absent ("type does not exist" warnings are noise).
+            notifications_min_severity="OFF",
         )
         try:
             self.driver.verify_connectivity()
