@@ -381,19 +381,11 @@ def read_jsonl(path: Path) -> RawTable:
                 if len(col) < n:
                     col.append(None)
             lines.append(lineno)
-    table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()}) if columns else pa.table({})
-    if not columns:
-        table = pa.Table.from_arrays([], names=[])
-    return RawTable("", _with_origin_any(table, file, np.array(lines, dtype=np.int64)), rejected, blank_rows=blank)
-
-
-def _with_origin_any(table: pa.Table, file: str, lines: np.ndarray) -> pa.Table:
-    if table.num_columns == 0:
-        table = pa.table({"_empty": pa.nulls(len(lines))}).drop_columns(["_empty"]) if len(lines) == 0 else table
-    if table.num_columns == 0:
-        files = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(lines), dtype=np.int32)), pa.array([file]))
-        return pa.table({FILE_COL: files, LINE_COL: pa.array(lines, pa.int64())})
-    return _with_origin(table, file, lines)
+    table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()} if columns
+                     else {"__empty": pa.array([], pa.string())})
+    if not columns:  # every line was rejected: an empty table without data columns
+        table = table.drop_columns(["__empty"])
+    return RawTable("", _with_origin(table, file, np.array(lines, dtype=np.int64)), rejected, blank_rows=blank)
 
 
 def read_parquet(path: Path) -> RawTable:

@@ -566,6 +566,10 @@ def check_image_reference(root: Path, ref: str, *, decode: bool = True, max_pixe
 
 def _require_columns(raw: RawTable, columns: tuple[str, ...]) -> None:
     missing = [c for c in columns if c not in raw.table.column_names]
+    if missing and raw.table.num_rows == 0:  # nothing parsed (e.g. every line rejected): empty columns
+        for c in missing:
+            raw.table = raw.table.append_column(c, pa.array([], pa.string()))
+        return
     if missing and raw.table.num_rows:
         file = raw.table.column(FILE_COL)[0].as_py()
         raise DataError(f"{file}: required column(s) {missing} are absent (found {[c for c in raw.table.column_names if not c.startswith('__')]}); "

@@ -191,3 +191,12 @@ def test_unknown_layout_is_a_clear_error(tmp_path):
         ingest(tmp_path, tmp_path / "ds")
     assert not (tmp_path / "ds").exists()
     assert np.array([1]).size == 1
+
+
+def test_all_lines_rejected_still_accounts_for_every_row(tmp_path):
+    (tmp_path / "items.jsonl").write_bytes(b'{"item_id": \n[1]\n\xff\n')
+    (tmp_path / "events.csv").write_text("user_id,item_id,type,timestamp\n")
+    report = ingest(tmp_path, tmp_path / "ds")
+    assert (report.tables["items"].read, report.tables["items"].quarantined) == (3, 3)
+    assert report.tables["events"].read == 0
+    assert Dataset.open(tmp_path / "ds").manifest["counts"]["items"] == 0
