@@ -98,10 +98,13 @@ class RankingConfig(_Section):
 
 
 class ServeConfig(_Section):
-    host: str = "127.0.0.1"
+    """HTTP service (``kgrec serve``)."""
+
+    host: str = "127.0.0.1"  # loopback by default; set 0.0.0.0 deliberately to expose the service
     port: int = 8000
-    max_k: int = 100
-    max_upload_bytes: int = 10 * 1024 * 1024
+    max_k: int = 100  # largest k a request may ask for
+    max_upload_bytes: int = 10 * 1024 * 1024  # image search uploads
+    max_query_chars: int = 1000  # longest text query accepted
 
 
 class EnrichmentConfig(_Section):

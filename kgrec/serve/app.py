@@ -1,0 +1,383 @@
+"""FastAPI service over one fitted :class:`~kgrec.pipeline.Recommender`, plus the static web page.
+
+``create_app(recommender, config)`` builds the app around a recommender that is already loaded (the bundle is read
+once, by the caller); every request reuses it. Endpoints (all JSON unless noted, OpenAPI at ``/docs``):
+
+==========================  ===========================================================================
+``GET /health``             liveness plus the bundle's size
+``GET /users``              some user ids (most active first) for the page's user picker
+``GET /recommend``          top-k for a user (``user``, ``k``, optional ``query``, ``explain``)
+``GET /search``             free-text search (``text``, ``k``)
+``POST /search``            image search: multipart ``image`` file (+ optional ``text``, ``k``)
+``GET /similar``            items like ``item``
+``GET /explain``            why ``item`` suits ``user`` (``ranking/explanation.schema.json``)
+``GET /items/{id}``         the catalog record
+``GET /items/{id}/image``   the item's image file (path checked to lie inside the dataset root)
+``GET /``                   the web page (``kgrec/serve/static``)
+==========================  ===========================================================================
+
+Errors are JSON ``{"detail": ...}``: unknown user/item -> 404, bad input -> 422 (FastAPI's validation errors,
+``k`` above ``serve.max_k`` included), upload larger than ``serve.max_upload_bytes`` -> 413, upload that is not an
+image -> 415, anything unexpected -> 500 with a generic message (the stack trace goes to the server log only).
+
+Calls into the recommender are serialised by one lock: its lazy caches and the per-call search state
+(``Recommender._last_sources``) are not thread-safe, and on 2 cores a queue is as fast as contention.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import mimetypes
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import pandas as pd
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from kgrec import __version__
+from kgrec.config import Config, ServeConfig
+from kgrec.errors import DataError, KgrecError, UnknownIdError
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------------- responses
+class Result(BaseModel):
+    """One recommended or found item."""
+
+    item_id: str
+    score: float | None = Field(description="ranker score (recommend), cosine (similar) or z-scored similarity (search)")
+    rank: int = Field(ge=1)
+    title: str = ""
+    image: str | None = Field(None, description="image path relative to the dataset root")
+    image_url: str | None = Field(None, description="URL of the image on this server")
+    sources: dict[str, float | None] | None = Field(None, description="search: per-signal similarity")
+    explanation: dict[str, Any] | None = Field(None, description="ranking/explanation.schema.json")
+
+
+class ResultList(BaseModel):
+    results: list[Result]
+    took_ms: float
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    users: int
+    items: int
+    ranker: bool
+    store: str
+
+
+class UserList(BaseModel):
+    users: list[str]
+    total: int
+
+
+class ErrorBody(BaseModel):
+    detail: Any
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "unknown user or item"},
+    422: {"description": "invalid input"},
+}
+
+
+class UploadTooLarge(DataError):
+    """An uploaded file is larger than ``serve.max_upload_bytes``."""
+
+
+class NotAnImage(DataError):
+    """An uploaded file does not decode as an image."""
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _finite(x: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, NaN/inf to None (strict JSON has neither)."""
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return [_finite(v) for v in x.tolist()]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (pd.Timestamp,)):
+        return x.isoformat()
+    return x
+
+
+def _cell(v: Any) -> Any:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, np.ndarray):
+        return _finite(v)
+    try:
+        if pd.isna(v):
+            return None
+    except (TypeError, ValueError):  # lists / dicts
+        pass
+    return _finite(v)
+
+
+def _image_url(item_id: str, image: str | None) -> str | None:
+    from urllib.parse import quote
+
+    return None if not image else f"/items/{quote(item_id, safe='')}/image"
+
+
+def _results(recs: list[Any]) -> list[dict[str, Any]]:
+    out = []
+    for r in recs:
+        d = _finite(r.to_dict())
+        d["image_url"] = _image_url(r.item_id, r.image)
+        out.append(d)
+    return out
+
+
+def _read_upload(upload: UploadFile, limit: int) -> bytes:
+    """The upload's bytes, refusing more than ``limit`` (read in chunks: a huge file is never held whole)."""
+    buf = io.BytesIO()
+    while True:
+        chunk = upload.file.read(1 << 16)
+        if not chunk:
+            break
+        buf.write(chunk)
+        if buf.tell() > limit:
+            raise UploadTooLarge(f"uploaded file {upload.filename!r} is larger than the limit of {limit} bytes "
+                                 "(serve.max_upload_bytes); send a smaller image")
+    data = buf.getvalue()
+    if not data:
+        raise NotAnImage(f"uploaded file {upload.filename!r} is empty; send a PNG, JPEG, GIF, BMP or WebP image")
+    return data
+
+
+def _check_image(data: bytes, filename: str | None) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise NotAnImage(f"uploaded file {filename!r} is not a readable image ({type(exc).__name__}: {exc}); "
+                         "send a PNG, JPEG, GIF, BMP or WebP image") from exc
+
+
+# ---------------------------------------------------------------------------------------------------- factory
+def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, warmup: bool = True) -> FastAPI:
+    """The FastAPI app serving ``recommender`` (a fitted or loaded :class:`~kgrec.pipeline.Recommender`).
+
+    Args:
+        recommender: used as is for every request (never reloaded).
+        config: the full :class:`Config` or just its ``serve`` section; defaults to ``ServeConfig()``.
+        warmup: run one recommend/search/explain at start so the first user request does not pay for lazy
+            caches (ranking context, explainer, encoders).
+    """
+    cfg = config.serve if isinstance(config, Config) else (config or ServeConfig())
+    rec = recommender
+    lock = threading.Lock()
+    max_k, max_chars = cfg.max_k, cfg.max_query_chars
+
+    def locked(fn: Callable[[], T]) -> T:
+        with lock:
+            return fn()
+
+    activity = rec.events["user_id"].value_counts() if len(rec.events) else pd.Series(dtype=int)
+    known = set(rec.user_ids)
+    users_by_activity = [u for u in activity.index.astype(str) if u in known]
+    users_by_activity += [u for u in rec.user_ids if u not in set(users_by_activity)]
+    dataset_root = Path(rec.dataset_root).resolve() if rec.dataset_root is not None else None
+
+    app = FastAPI(
+        title="kgrec",
+        version=__version__,
+        description="Knowledge-graph-enhanced multimodal recommendations: recommend, search (text or image), "
+                    "similar items and explanations from one trained bundle.",
+    )
+
+    # ------------------------------------------------------------------------------------------ error handlers
+    def _json_error(status: int, detail: str) -> JSONResponse:
+        return JSONResponse(status_code=status, content={"detail": detail})
+
+    @app.exception_handler(UnknownIdError)
+    async def _unknown(_: Request, exc: UnknownIdError) -> JSONResponse:
+        return _json_error(404, str(exc))
+
+    @app.exception_handler(UploadTooLarge)
+    async def _too_large(_: Request, exc: UploadTooLarge) -> JSONResponse:
+        return _json_error(413, str(exc))
+
+    @app.exception_handler(NotAnImage)
+    async def _not_image(_: Request, exc: NotAnImage) -> JSONResponse:
+        return _json_error(415, str(exc))
+
+    @app.exception_handler(DataError)
+    async def _data(_: Request, exc: DataError) -> JSONResponse:
+        return _json_error(422, str(exc))
+
+    @app.exception_handler(KgrecError)
+    async def _kgrec(request: Request, exc: KgrecError) -> JSONResponse:
+        logger.error("%s %s failed: %s", request.method, request.url.path, exc)
+        return _json_error(503, f"the model cannot answer this request: {exc}")
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        ref = uuid.uuid4().hex[:12]
+        logger.error("%s %s failed (ref %s)", request.method, request.url.path, ref, exc_info=exc)
+        return _json_error(500, f"internal server error (ref {ref}); the server log has the details")
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        """Refuse an oversized upload from its Content-Length before reading it (multipart overhead allowed)."""
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > cfg.max_upload_bytes + 64 * 1024:
+                return _json_error(413, f"request body of {length} bytes is larger than the upload limit of "
+                                        f"{cfg.max_upload_bytes} bytes (serve.max_upload_bytes); send a smaller image")
+        return await call_next(request)
+
+    # ------------------------------------------------------------------------------------------ endpoints
+    K = Query(10, ge=1, le=max_k, description=f"number of results (1..{max_k}, serve.max_k)")
+    ID = dict(min_length=1, max_length=256)
+
+    @app.get("/health", response_model=Health, tags=["service"])
+    def health() -> dict[str, Any]:
+        """Liveness and what is loaded."""
+        return {"status": "ok", "version": __version__, "users": len(rec.user_ids), "items": len(rec.item_ids),
+                "ranker": rec.ranker is not None, "store": type(rec.store).__name__}
+
+    @app.get("/users", response_model=UserList, tags=["catalog"])
+    def users(limit: int = Query(50, ge=1, le=1000, description="how many ids (most active users first)")) -> dict[str, Any]:
+        """User ids known to the model, most active first (for the page's user picker)."""
+        return {"users": users_by_activity[:limit], "total": len(users_by_activity)}
+
+    @app.get("/recommend", response_model=ResultList, responses=ERRORS, tags=["recommend"])
+    def recommend(
+        user: str = Query(..., description="user id; an unknown user needs a query", **ID),
+        k: int = K,
+        query: str | None = Query(None, max_length=max_chars, description="optional free-text intent"),
+        explain: bool = Query(False, description="attach an explanation to every result"),
+    ) -> dict[str, Any]:
+        """Top-k items for a user (GNN candidates re-ranked by LightGBM), optionally steered by a query."""
+        t0 = time.perf_counter()
+        recs = locked(lambda: rec.recommend(user, k, query=query or None, explain=explain))
+        return {"results": _results(recs), "took_ms": (time.perf_counter() - t0) * 1e3}
+
+    @app.get("/search", response_model=ResultList, responses=ERRORS, tags=["search"])
+    def search_text(
+        text: str = Query(..., min_length=1, max_length=max_chars, description="free-text query"),
+        k: int = K,
+    ) -> dict[str, Any]:
+        """Cross-modal text search (BERT text space + CLIP text->image)."""
+        t0 = time.perf_counter()
+        recs = locked(lambda: rec.search(text=text, k=k))
+        return {"results": _results(recs), "took_ms": (time.perf_counter() - t0) * 1e3}
+
+    @app.post("/search", response_model=ResultList, tags=["search"],
+              responses={**ERRORS, 413: {"model": ErrorBody, "description": "upload too large"},
+                         415: {"model": ErrorBody, "description": "upload is not an image"}})
+    def search_image(
+        image: UploadFile = File(..., description=f"query image (at most {cfg.max_upload_bytes} bytes)"),
+        text: str | None = Form(None, max_length=max_chars, description="optional text combined with the image"),
+        k: int = Form(10, ge=1, le=max_k, description=f"number of results (1..{max_k})"),
+    ) -> dict[str, Any]:
+        """Image search (CLIP image->image), optionally combined with text."""
+        t0 = time.perf_counter()
+        data = _read_upload(image, cfg.max_upload_bytes)
+        _check_image(data, image.filename)
+        recs = locked(lambda: rec.search(text=text or None, image=data, k=k))
+        return {"results": _results(recs), "took_ms": (time.perf_counter() - t0) * 1e3}
+
+    @app.get("/similar", response_model=ResultList, responses=ERRORS, tags=["recommend"])
+    def similar(item: str = Query(..., description="item id", **ID), k: int = K) -> dict[str, Any]:
+        """Items closest to ``item`` by the fused item vectors."""
+        t0 = time.perf_counter()
+        recs = locked(lambda: rec.similar(item, k))
+        return {"results": _results(recs), "took_ms": (time.perf_counter() - t0) * 1e3}
+
+    @app.get("/explain", responses=ERRORS, tags=["recommend"])
+    def explain(
+        user: str = Query(..., description="user id", **ID),
+        item: str = Query(..., description="item id", **ID),
+        query: str | None = Query(None, max_length=max_chars),
+    ) -> dict[str, Any]:
+        """Why ``item`` suits ``user``: cited ranker features, KG paths, modality evidence, a sentence."""
+        e = locked(lambda: rec.explain(user, item, query=query or None))
+        out = _finite(e.to_dict())
+        out["image_url"] = _image_url(item, out.get("image"))
+        return out
+
+    def _item_row(item_id: str) -> pd.Series:
+        rec._item_index(item_id)  # UnknownIdError -> 404
+        if item_id not in rec.items.index:
+            raise UnknownIdError(f"item {item_id!r} has no catalog record in this bundle")
+        row = rec.items.loc[item_id]
+        return row.iloc[0] if isinstance(row, pd.DataFrame) else row
+
+    @app.get("/items/{item_id}", responses=ERRORS, tags=["catalog"])
+    def item(item_id: str) -> dict[str, Any]:
+        """The catalog record of one item (title, description, brand, category, attributes, price, image)."""
+        row = _item_row(item_id)
+        out = {str(c): _cell(row[c]) for c in row.index}
+        out["image_url"] = _image_url(item_id, out.get("image"))
+        return out
+
+    @app.get("/items/{item_id}/image", tags=["catalog"], response_class=FileResponse,
+             responses={200: {"content": {"image/*": {}}, "description": "the image file"},
+                        404: {"model": ErrorBody, "description": "unknown item or no image"}})
+    def item_image(item_id: str) -> FileResponse:
+        """The item's image file, read only from inside the dataset root."""
+        row = _item_row(item_id)
+        image = _cell(row.get("image"))
+        if not image:
+            raise UnknownIdError(f"item {item_id!r} has no image")
+        if dataset_root is None:
+            raise UnknownIdError("this bundle records no dataset root, so item images cannot be served")
+        path = (dataset_root / str(image)).resolve()
+        if not path.is_relative_to(dataset_root):
+            logger.warning("item %r image path %r escapes the dataset root; refused", item_id, image)
+            raise UnknownIdError(f"item {item_id!r} has no image inside the dataset")
+        if not path.is_file():
+            raise UnknownIdError(f"the image of item {item_id!r} is missing from the dataset ({image})")
+        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
+
+    # ------------------------------------------------------------------------------------------ the page
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    if warmup:
+        _warm(rec)
+    return app
+
+
+def _warm(rec: Any) -> None:
+    """Build the lazy caches once (ranking context, explainer, encoders) so requests do not pay for them."""
+    t0 = time.perf_counter()
+    try:
+        if rec.user_ids:
+            user = rec.user_ids[0]
+            recs = rec.recommend(user, 1, explain=rec.ranker is not None)
+            if recs and rec.ranker is not None:
+                rec.explain(user, recs[0].item_id)
+        rec.search(text="warm up", k=1)
+    except KgrecError as exc:  # a bundle that cannot do everything still serves what it can
+        logger.warning("warm-up incomplete: %s", exc)
+    logger.info("service warmed up in %.1f s", time.perf_counter() - t0)
