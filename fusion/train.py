@@ -1,0 +1,463 @@
+"""Training: mini-batches of training edges over full-graph propagation, BPR or sampled-softmax loss, early stopping
+on validation NDCG@20, and the ``TrainedModel`` the rest of the system uses.
+
+Every epoch shuffles the (user, item) training pairs into batches of ``batch_size``; each batch propagates the whole
+graph once (LightGCN's way, sparse, scales to millions of edges on CPU), then
+  * ``loss="bpr"``: ``-log sigmoid(s(u,i) - s(u,j))`` with ``num_negatives`` uniform negatives ``j`` per positive;
+  * ``loss="softmax"``: cross-entropy of the positive against ``num_negatives`` uniform negatives shared by the
+    batch, logits divided by ``temperature``;
+plus ``weight_decay * (|e_u|^2 + |e_i|^2 + |e_j|^2) / batch`` on the layer-0 vectors of the batch. After each epoch
+the model is evaluated on the validation split (train items masked); the best NDCG@20 state (``>=`` counts, as in
+RecBole) is kept and training stops after ``patience`` epochs without improvement.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor, nn
+
+from kgrec.config import FusionConfig
+from kgrec.errors import BundleError, DataError
+from fusion.fusion import MODALITIES, ModalityFusion
+from fusion.gnn import KGFusionGNN, build_relational_graph
+from fusion.metrics import evaluate, to_csr
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    loss: float
+    train_seconds: float
+    valid: dict[str, float] = field(default_factory=dict)
+
+
+def _loss(u: Tensor, pos: Tensor, neg: Tensor, cfg: FusionConfig) -> Tensor:
+    """u, pos (b, d); neg (b, n, d) for bpr or (n, d) shared for softmax."""
+    pos_s = (u * pos).sum(-1)
+    if cfg.loss == "bpr":
+        neg_s = torch.einsum("bd,bnd->bn", u, neg)
+        return -torch.nn.functional.logsigmoid(pos_s.unsqueeze(1) - neg_s).mean()
+    neg_s = u @ neg.T
+    logits = torch.cat([pos_s.unsqueeze(1), neg_s], dim=1) / cfg.temperature
+    return torch.nn.functional.cross_entropy(logits, torch.zeros(len(u), dtype=torch.long, device=u.device))
+
+
+def fit_embeddings(
+    model: nn.Module,
+    num_users: int,
+    num_items: int,
+    train_users: np.ndarray,
+    train_items: np.ndarray,
+    cfg: FusionConfig,
+    *,
+    valid: sp.csr_matrix | None = None,
+    forward_kwargs: Callable[[bool], dict[str, Any]] | None = None,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> list[EpochRecord]:
+    """Train any module whose ``forward(**kw)`` returns ``(users (U,d), items (I,d), ego (U+I+.., d), extra)``.
+
+    ``ego`` rows ``[0, U)`` are users' and ``[U, U+I)`` items' layer-0 vectors (regularised). The best validation
+    state is loaded back into ``model`` at the end. Returns the per-epoch history.
+    """
+    device = device or resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    model.to(device)
+    tu = torch.as_tensor(np.asarray(train_users), dtype=torch.long)
+    ti = torch.as_tensor(np.asarray(train_items), dtype=torch.long)
+    n = len(tu)
+    if n == 0:
+        raise DataError("no training interactions to learn from")
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    train_csr = to_csr(tu.numpy(), ti.numpy(), (num_users, num_items))
+    eval_users = None
+    if valid is not None and valid.nnz:
+        have = np.flatnonzero(np.diff(sp.csr_matrix(valid).indptr) > 0)
+        if len(have) > cfg.max_eval_users:
+            eval_users = np.sort(np.random.default_rng(cfg.seed).choice(have, cfg.max_eval_users, replace=False))
+    history: list[EpochRecord] = []
+    best, best_state, since_best = -1.0, None, 0
+    kw = forward_kwargs or (lambda training: {})
+    epochs = range(cfg.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc="train", unit="epoch")
+    for epoch in epochs:
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            bu, bi = tu[idx].to(device), ti[idx].to(device)
+            if cfg.loss == "bpr":
+                bj = torch.randint(0, num_items, (len(idx), cfg.num_negatives), generator=gen).to(device)
+            else:
+                bj = torch.randint(0, num_items, (cfg.num_negatives,), generator=gen).to(device)
+            users, items, ego, _ = model(**kw(True))
+            loss = _loss(users[bu], items[bi], items[bj], cfg)
+            if cfg.weight_decay:
+                reg = ego[bu].pow(2).sum() + ego[num_users + bi].pow(2).sum() + ego[num_users + bj].pow(2).sum()
+                loss = loss + cfg.weight_decay * reg / (2 * len(idx))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rec = EpochRecord(epoch, total / n, time.perf_counter() - t0)
+        if valid is not None and valid.nnz:
+            model.eval()
+            with torch.no_grad():
+                users, items, _, _ = model(**kw(False))
+            heldout, exclude = (valid, train_csr) if eval_users is None else (_rows_only(valid, eval_users), train_csr)
+            rec.valid = evaluate(lambda u: users[u.to(device)] @ items.T, heldout, exclude, ks=(20,), device=device)
+            score = rec.valid["ndcg@20"]
+            if score >= best:
+                best, best_state, since_best = score, copy.deepcopy(model.state_dict()), 0
+            else:
+                since_best += 1
+            logger.info("epoch %d loss %.4f (%.2fs) valid ndcg@20 %.4f", epoch, rec.loss, rec.train_seconds, score)
+        history.append(rec)
+        if valid is not None and valid.nnz and since_best >= cfg.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return history
+
+
+def _rows_only(m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    keep = np.zeros(m.shape[0], dtype=bool)
+    keep[rows] = True
+    return sp.csr_matrix(sp.diags(keep.astype(np.float32)) @ m)
+
+
+@dataclass
+class TrainedModel:
+    """A trained model as plain arrays: what retrieval, ranking and the bundle need.
+
+    Attributes:
+        config: the ``FusionConfig`` fields used (JSON-able dict).
+        user_embeddings: (num_users, dim) float32.
+        item_embeddings: (num_items, dim) float32.
+        modality_weights: (num_items, 3) float32, attention weights over ``MODALITIES`` (text, image, graph).
+        history: per-epoch ``{"epoch", "loss", "train_seconds", "valid": {...}}``.
+        relation_weights: learned gate per graph relation.
+        train_matrix: (num_users, num_items) CSR of training positives (masking, hybrid term).
+        fusion: the fusion layer (cold-start items and content queries go through it).
+        item_item: optional (num_items, num_items) EASE matrix; ``hybrid_weight`` scales its term.
+    """
+
+    config: dict[str, Any]
+    user_embeddings: np.ndarray
+    item_embeddings: np.ndarray
+    modality_weights: np.ndarray
+    history: list[dict[str, Any]]
+    relation_weights: dict[str, float]
+    train_matrix: sp.csr_matrix
+    fusion: ModalityFusion
+    num_layers: int
+    item_item: np.ndarray | None = None
+    hybrid_weight: float = 0.0
+    ease_lambda: float | None = None
+
+    @property
+    def num_users(self) -> int:
+        return self.user_embeddings.shape[0]
+
+    @property
+    def num_items(self) -> int:
+        return self.item_embeddings.shape[0]
+
+    # ------------------------------------------------------------------ scoring
+    def score_all(self, users: np.ndarray | Tensor, device: str | torch.device = "cpu") -> Tensor:
+        """Scores (b, num_items) float32 of users against every item (embedding dot product + hybrid term)."""
+        u = np.asarray(torch.as_tensor(users).cpu(), dtype=np.int64)
+        ue = torch.as_tensor(self.user_embeddings[u], device=device)
+        out = ue @ torch.as_tensor(self.item_embeddings, device=device).T
+        if self.item_item is not None and self.hybrid_weight:
+            x = torch.as_tensor(self.train_matrix[u].toarray(), device=device)
+            out = out + self.hybrid_weight * (x @ torch.as_tensor(self.item_item, device=device))
+        return out
+
+    def score(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Scores (n,) of paired ``users[k]``, ``items[k]``."""
+        users = np.asarray(users, dtype=np.int64)
+        items = np.asarray(items, dtype=np.int64)
+        out = np.einsum("nd,nd->n", self.user_embeddings[users], self.item_embeddings[items])
+        if self.item_item is not None and self.hybrid_weight:
+            x = self.train_matrix[users]
+            out = out + self.hybrid_weight * np.asarray(x.multiply(self.item_item[:, items].T).sum(1)).ravel()
+        return out.astype(np.float32)
+
+    def recommend(self, users: np.ndarray, k: int = 10, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` items (b, k) int64 and scores (b, k) for each user, training items excluded by default."""
+        from fusion.retrieve import topk_from_scores
+
+        users = np.asarray(users, dtype=np.int64)
+        scores = self.score_all(users)
+        exclude = self.train_matrix[users] if exclude_seen else None
+        return topk_from_scores(scores, k, exclude)
+
+    def similar_items(self, item_idx: int | np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Items most similar (cosine of item vectors) to each given item, itself excluded."""
+        from fusion.retrieve import similar_items
+
+        return similar_items(self.item_embeddings, item_idx, k)
+
+    # ------------------------------------------------------------------ cold start
+    def item_vectors_from_content(self, text: np.ndarray | None = None, image: np.ndarray | None = None) -> np.ndarray:
+        """Vectors (n, dim) for items unseen in training, from content alone.
+
+        Equals what the model computes for an item with no interactions or KG edges: the fused layer-0 vector
+        (no ID embedding) divided by ``num_layers + 1`` (LightGCN's layer mean, where all propagated layers are 0).
+        """
+        if text is None and image is None:
+            raise DataError("a cold-start item needs text or image vectors")
+        if text is not None and self.fusion.text_proj is None:
+            raise DataError("this model was trained without text vectors; give image vectors or retrain with text")
+        if image is not None and self.fusion.image_proj is None:
+            raise DataError("this model was trained without image vectors; give text vectors or retrain with images")
+        with torch.no_grad():
+            t = None if text is None else torch.as_tensor(np.asarray(text, dtype=np.float32))
+            i = None if image is None else torch.as_tensor(np.asarray(image, dtype=np.float32))
+            fused, _ = self.fusion(None, t, i)
+        return (fused / (self.num_layers + 1)).numpy().astype(np.float32)
+
+    def user_vector_from_items(self, items: np.ndarray) -> np.ndarray:
+        """A vector (dim,) for a user without history, from a few chosen items (mean of their vectors)."""
+        items = np.asarray(items, dtype=np.int64)
+        if items.size == 0:
+            raise DataError("give at least one item to build a user vector from")
+        return self.item_embeddings[items].mean(0)
+
+    def user_vector_from_content(self, text: np.ndarray | None = None, image: np.ndarray | None = None) -> np.ndarray:
+        """A vector (dim,) for a user without history, from a text and/or image query vector (encoder output)."""
+        t = None if text is None else np.asarray(text, dtype=np.float32).reshape(1, -1)
+        i = None if image is None else np.asarray(image, dtype=np.float32).reshape(1, -1)
+        return self.item_vectors_from_content(t, i)[0] * (self.num_layers + 1)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write ``config.json`` (config, history, relation weights) and ``model.safetensors``; atomic rename."""
+        import os
+        import shutil
+        import tempfile
+
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            tensors = {
+                "user_embeddings": self.user_embeddings.astype(np.float32),
+                "item_embeddings": self.item_embeddings.astype(np.float32),
+                "modality_weights": self.modality_weights.astype(np.float32),
+                "train_indptr": self.train_matrix.indptr.astype(np.int64),
+                "train_indices": self.train_matrix.indices.astype(np.int64),
+            }
+            for name, value in self.fusion.state_dict().items():
+                tensors[f"fusion.{name}"] = value.detach().cpu().numpy()
+            if self.item_item is not None:
+                tensors["item_item"] = self.item_item.astype(np.float32)
+            save_file(tensors, str(tmp / "model.safetensors"))
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "config": self.config,
+                "num_layers": self.num_layers,
+                "num_users": self.num_users,
+                "num_items": self.num_items,
+                "dim": int(self.item_embeddings.shape[1]),
+                "text_dim": 0 if self.fusion.text_proj is None else self.fusion.text_proj.in_features,
+                "image_dim": 0 if self.fusion.image_proj is None else self.fusion.image_proj.in_features,
+                "attention_dim": self.fusion.att.out_features,
+                "hybrid_weight": self.hybrid_weight,
+                "ease_lambda": self.ease_lambda,
+                "relation_weights": self.relation_weights,
+                "modalities": list(MODALITIES),
+                "history": self.history,
+            }
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old")
+                os.replace(directory, old)
+                os.replace(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> TrainedModel:
+        """Read a directory written by ``save``."""
+        from safetensors.numpy import load_file
+
+        directory = Path(directory)
+        cfg_path, weights = directory / "config.json", directory / "model.safetensors"
+        if not cfg_path.is_file() or not weights.is_file():
+            raise BundleError(f"{directory} is not a saved fusion model (needs config.json and model.safetensors); "
+                              "write one with TrainedModel.save")
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise BundleError(f"{cfg_path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}; retrain")
+        t = load_file(str(weights))
+        fusion = ModalityFusion(meta["dim"], meta["text_dim"], meta["image_dim"], meta["attention_dim"])
+        fusion.load_state_dict({k[len("fusion."):]: torch.as_tensor(v) for k, v in t.items() if k.startswith("fusion.")})
+        fusion.eval()
+        train = sp.csr_matrix(
+            (np.ones(len(t["train_indices"]), dtype=np.float32), t["train_indices"], t["train_indptr"]),
+            shape=(meta["num_users"], meta["num_items"]),
+        )
+        return cls(
+            config=meta["config"],
+            user_embeddings=t["user_embeddings"],
+            item_embeddings=t["item_embeddings"],
+            modality_weights=t["modality_weights"],
+            history=meta["history"],
+            relation_weights=meta["relation_weights"],
+            train_matrix=train,
+            fusion=fusion,
+            num_layers=meta["num_layers"],
+            item_item=t.get("item_item"),
+            hybrid_weight=meta["hybrid_weight"],
+            ease_lambda=meta["ease_lambda"],
+        )
+
+
+def train_model(
+    num_users: int,
+    num_items: int,
+    train_users: np.ndarray,
+    train_items: np.ndarray,
+    *,
+    graph: Any | None = None,
+    text: np.ndarray | None = None,
+    image: np.ndarray | None = None,
+    image_present: np.ndarray | None = None,
+    valid: tuple[np.ndarray, np.ndarray] | None = None,
+    config: FusionConfig | None = None,
+    progress: bool = False,
+) -> TrainedModel:
+    """Train the relation-aware GNN with fused item inputs and return a ``TrainedModel``.
+
+    Args:
+        num_users, num_items: index space sizes.
+        train_users, train_items: (n,) int arrays of training interactions (implicit positives).
+        graph: optional ``HeteroData`` with KG node/edge types (see ``fusion.gnn.build_relational_graph``).
+        text: optional (num_items, d_t) float32 item text vectors.
+        image: optional (num_items, d_i) float32 item image vectors.
+        image_present: optional (num_items,) bool, False for items whose image row is a placeholder.
+        valid: optional (users, items) validation pairs for early stopping (and the hybrid weight choice).
+        config: ``FusionConfig``; ``use_kg`` / ``use_text`` / ``use_image`` switch the ablations.
+    """
+    cfg = config or FusionConfig()
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    text = text if (cfg.use_text and text is not None) else None
+    image = image if (cfg.use_image and image is not None) else None
+    for name, arr in (("text", text), ("image", image)):
+        if arr is not None and arr.shape[0] != num_items:
+            raise DataError(f"{name} vectors have {arr.shape[0]} rows but there are {num_items} items")
+    rg = build_relational_graph(num_users, num_items, train_users, train_items, graph, use_kg=cfg.use_kg).to(device)
+    model = KGFusionGNN(
+        rg, cfg.dim, cfg.num_layers,
+        0 if text is None else text.shape[1], 0 if image is None else image.shape[1],
+    ).to(device)
+    t_text = None if text is None else torch.as_tensor(np.asarray(text, dtype=np.float32), device=device)
+    t_image = None if image is None else torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)
+    present = torch.ones(num_items, 3, dtype=torch.bool, device=device)
+    if image_present is not None:
+        present[:, 1] = torch.as_tensor(np.asarray(image_present, dtype=bool), device=device)
+    has_content = t_text is not None or t_image is not None
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+
+    def forward_kwargs(training: bool) -> dict[str, Any]:
+        p = present
+        if training and has_content and cfg.id_dropout > 0:
+            p = present.clone()
+            p[:, 2] = torch.rand(num_items, generator=gen).to(device) >= cfg.id_dropout
+        return {"text": t_text, "image": t_image, "present": p}
+
+    valid_csr = None if valid is None else to_csr(valid[0], valid[1], (num_users, num_items))
+    train_csr = to_csr(np.asarray(train_users), np.asarray(train_items), (num_users, num_items))
+    history = fit_embeddings(
+        model, num_users, num_items, train_users, train_items, cfg,
+        valid=valid_csr, forward_kwargs=forward_kwargs, device=device, progress=progress,
+    )
+    with torch.no_grad():
+        users, items, _, weights = model(**forward_kwargs(False))
+    tm = TrainedModel(
+        config=cfg.model_dump(mode="json"),
+        user_embeddings=users.cpu().numpy().astype(np.float32),
+        item_embeddings=items.cpu().numpy().astype(np.float32),
+        modality_weights=weights.cpu().numpy().astype(np.float32),
+        history=[{"epoch": h.epoch, "loss": h.loss, "train_seconds": h.train_seconds, "valid": h.valid} for h in history],
+        relation_weights=dict(zip(rg.relations, model.relation_weights().detach().cpu().tolist())),
+        train_matrix=train_csr,
+        fusion=model.fusion.cpu().eval(),
+        num_layers=cfg.num_layers,
+    )
+    if cfg.hybrid_ease and valid_csr is not None and num_items <= cfg.max_ease_items:
+        add_ease_term(tm, valid_csr, cfg, device=device)
+    return tm
+
+
+def add_ease_term(tm: TrainedModel, valid: sp.csr_matrix, cfg: FusionConfig, device: torch.device | str = "cpu") -> None:
+    """Fit EASE on the training matrix and choose (lambda, weight) of the hybrid term by validation NDCG@20.
+
+    The embedding scores are rescaled per model so that weight 1 means "EASE and the GNN contribute equally on
+    average" (ratio of mean absolute score over validation users); ``hybrid_weight`` stores the absolute factor.
+    """
+    from fusion.baselines import EASE
+
+    best = (-1.0, None, 0.0, None)
+    users = np.flatnonzero(np.diff(valid.indptr) > 0)
+    emb_scale = float(np.abs(tm.score_all(users[:512]).numpy()).mean()) if tm.hybrid_weight == 0 else 1.0
+    for lam in cfg.ease_lambdas:
+        ease = EASE(lam, device=str(device)).fit(tm.train_matrix)
+        b = ease.B.cpu().numpy()
+        x = torch.as_tensor(tm.train_matrix[users[:512]].toarray())
+        ease_scale = float((x @ torch.as_tensor(b)).abs().mean()) or 1.0
+        for w in cfg.hybrid_weights:
+            tm.item_item, tm.hybrid_weight = b, w * emb_scale / ease_scale
+            res = evaluate(lambda u: tm.score_all(u), valid, tm.train_matrix, ks=(20,))
+            logger.info("hybrid lambda %.0f weight %.2f: valid ndcg@20 %.4f", lam, w, res["ndcg@20"])
+            if res["ndcg@20"] > best[0]:
+                best = (res["ndcg@20"], b, tm.hybrid_weight, lam)
+    _, tm.item_item, tm.hybrid_weight, tm.ease_lambda = best
+    if tm.hybrid_weight == 0:
+        tm.item_item, tm.ease_lambda = None, None

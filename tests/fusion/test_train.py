@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fusion.baselines import EASE, MatrixFactorization, Popularity, PyGLightGCN
+from fusion.metrics import evaluate, to_csr
+from fusion.train import TrainedModel, fit_embeddings, train_model
+from kgrec.config import FusionConfig
+from kgrec.errors import BundleError, DataError
+
+
+def _pairs(t, code):
+    m = t.split == code
+    return t.users[m], t.items[m]
+
+
+def _cfg(**kw) -> FusionConfig:
+    base = dict(device="cpu", dim=16, num_layers=2, epochs=12, batch_size=1024, lr=0.02, patience=4, seed=7,
+                loss="softmax", num_negatives=64, weight_decay=0.0)
+    base.update(kw)
+    return FusionConfig(**base)
+
+
+def _hetero(t):
+    """Items linked to one 'genre' category node each, as a KG would export them."""
+    from torch_geometric.data import HeteroData
+
+    g = HeteroData()
+    g["item"].num_nodes = t.num_items
+    g["category"].num_nodes = int(t.item_cluster.max()) + 1
+    g["item", "in_category", "category"].edge_index = torch.as_tensor(
+        np.stack([np.arange(t.num_items), t.item_cluster]), dtype=torch.long
+    )
+    return g
+
+
+@pytest.fixture(scope="module")
+def trained(taste) -> TrainedModel:
+    tu, ti = _pairs(taste, 0)
+    return train_model(taste.num_users, taste.num_items, tu, ti, graph=_hetero(taste), text=taste.text,
+                       valid=_pairs(taste, 1), config=_cfg())
+
+
+def _test_metrics(taste, score_fn):
+    shape = (taste.num_users, taste.num_items)
+    test = to_csr(*_pairs(taste, 2), shape)
+    seen = to_csr(*_pairs(taste, 0), shape) + to_csr(*_pairs(taste, 1), shape)
+    return evaluate(score_fn, test, seen, ks=(10,))
+
+
+def test_training_beats_popularity(taste, trained) -> None:
+    pop = Popularity().fit(to_csr(*_pairs(taste, 0), (taste.num_users, taste.num_items)))
+    ours = _test_metrics(taste, trained.score_all)["ndcg@10"]
+    base = _test_metrics(taste, pop.score)["ndcg@10"]
+    assert ours > 1.5 * base, (ours, base)
+    assert len(trained.history) >= 2 and trained.history[-1]["loss"] < trained.history[0]["loss"]
+
+
+def test_modality_weights_are_per_item_distributions(trained) -> None:
+    w = trained.modality_weights
+    assert w.shape == (trained.num_items, 3)
+    assert np.allclose(w.sum(1), 1.0, atol=1e-5)
+    assert (w[:, 1] == 0).all()  # no image modality given
+    assert set(trained.relation_weights) == {"interaction", "item__in_category__category"}
+
+
+def test_save_load_same_scores(tmp_path, trained) -> None:
+    trained.save(tmp_path / "m")
+    again = TrainedModel.load(tmp_path / "m")
+    users = np.arange(10)
+    assert np.allclose(again.score_all(users).numpy(), trained.score_all(users).numpy(), atol=1e-6)
+    assert np.array_equal(again.recommend(users, 5)[0], trained.recommend(users, 5)[0])
+    assert np.allclose(again.item_vectors_from_content(trained_text := np.eye(16, dtype=np.float32)[:2]),
+                       trained.item_vectors_from_content(trained_text), atol=1e-6)
+    with pytest.raises(BundleError, match="config.json"):
+        TrainedModel.load(tmp_path / "missing")
+
+
+def test_recommend_excludes_training_items(taste, trained) -> None:
+    idx, _ = trained.recommend(np.arange(taste.num_users), k=10)
+    seen = trained.train_matrix.toarray()
+    assert not seen[np.arange(taste.num_users)[:, None], idx].any()
+
+
+def test_cold_start_items_from_content(taste) -> None:
+    """Items never seen in training (not even in the model) are retrieved for users of their own cluster."""
+    cold = np.arange(taste.num_items) >= taste.num_items - 20
+    keep = ~cold[taste.items] & (taste.split == 0)
+    tm = train_model(taste.num_users, taste.num_items - 20, taste.users[keep], taste.items[keep],
+                     text=taste.text[~cold], config=_cfg(epochs=10, id_dropout=0.5))
+    vecs = tm.item_vectors_from_content(text=taste.text[cold])
+    assert vecs.shape == (20, 16)
+    scores = tm.user_embeddings @ vecs.T  # (users, cold items)
+    same = taste.user_cluster[:, None] == taste.item_cluster[cold][None, :]
+    # each user scores cold items of their own cluster above the others, on average
+    assert (scores * same).sum(1).mean() / same.sum(1).mean() > (scores * ~same).sum(1).mean() / (~same).sum(1).mean()
+    hit = same[np.arange(taste.num_users), np.argmax(scores, axis=1)].mean()
+    assert hit > 0.6, hit
+    # a user with no history, described by a few items of cluster 0, prefers cluster-0 cold items
+    u = tm.user_vector_from_items(np.flatnonzero(taste.item_cluster[: taste.num_items - 20] == 0)[:3])
+    top = np.argsort(-(vecs @ u))[:3]
+    assert (taste.item_cluster[cold][top] == 0).mean() >= 2 / 3
+    with pytest.raises(DataError):
+        tm.item_vectors_from_content(image=np.zeros((1, 4), dtype=np.float32))
+
+
+def test_baselines_in_same_harness(taste) -> None:
+    shape = (taste.num_users, taste.num_items)
+    train = to_csr(*_pairs(taste, 0), shape)
+    pop = _test_metrics(taste, Popularity().fit(train).score)["ndcg@10"]
+    ease = _test_metrics(taste, EASE(50.0).fit(train).score)["ndcg@10"]
+    assert ease > 1.5 * pop
+    valid = to_csr(*_pairs(taste, 1), shape)
+    tu, ti = _pairs(taste, 0)
+    for module in (MatrixFactorization(*shape, dim=16), PyGLightGCN(*shape, tu, ti, dim=16)):
+        hist = fit_embeddings(module, *shape, tu, ti, _cfg(epochs=8, loss="bpr", num_negatives=1), valid=valid)
+        users, items, _, _ = module()
+        got = _test_metrics(taste, lambda u: users[u] @ items.T)["ndcg@10"]
+        assert got > pop, (type(module).__name__, got, pop)
+        assert max(h.valid["ndcg@20"] for h in hist) > 0
+
+
+def test_same_seed_same_model(taste) -> None:
+    tu, ti = _pairs(taste, 0)
+    a = train_model(taste.num_users, taste.num_items, tu, ti, config=_cfg(epochs=2))
+    b = train_model(taste.num_users, taste.num_items, tu, ti, config=_cfg(epochs=2))
+    assert np.allclose(a.item_embeddings, b.item_embeddings)
+
+
+def test_rejects_mismatched_inputs(taste) -> None:
+    tu, ti = _pairs(taste, 0)
+    with pytest.raises(DataError, match="text vectors have"):
+        train_model(taste.num_users, taste.num_items, tu, ti, text=taste.text[:5], config=_cfg(epochs=1))
+    with pytest.raises(DataError, match="out of range"):
+        train_model(taste.num_users, 3, tu, ti, config=_cfg(epochs=1))
