@@ -242,3 +242,17 @@ def evidence_json(evidence: Any) -> str | None:
     if evidence is None:
         return None
     return json.dumps(evidence, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def train_events(dataset: Dataset) -> pd.DataFrame:
+    """The dataset's events restricted to its train split (all events when it has no ``split.parquet``).
+
+    A (user, item) pair belongs to the split named in ``split.parquet``; evaluation loads only train pairs so
+    held-out interactions never leak into graph features.
+    """
+    events = dataset.events
+    split = dataset.split
+    if split is None:
+        return events
+    train = split.loc[split["split"] == "train", ["user_id", "item_id"]].drop_duplicates()
+    return events.merge(train, on=["user_id", "item_id"], how="inner")
