@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             "rows_read": rows,
             "rows_per_s": round(rows / ing["seconds"]),
             "events_per_s": round(rep["tables"]["events"]["read"] / ing["seconds"]),
+            "rows_per_cpu_s": round(rows / ing["cpu_seconds"]),  # robust to other processes sharing the CPUs
             "peak_rss_mib": round(ing["peak_rss_mib"], 1),
             "dataset_mib": round(out_bytes / 2**20, 1),
             "tables": {k: {f: v[f] for f in ("read", "kept", "merged", "written", "quarantined")}
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         "goal": {"seconds": 60, "peak_rss_mib": 6 * 1024},
     }
     result["goal"]["met"] = bool(ing["seconds"] < 60 and ing["peak_rss_mib"] < 6 * 1024)
+    # CPU seconds of the ingest process (all threads); below 60 it fits the goal on 2 idle cores even single-threaded
+    result["goal"]["met_on_cpu_time"] = bool(ing["cpu_seconds"] < 60 and ing["peak_rss_mib"] < 6 * 1024)
 
     print(f"{'phase':<10}{'wall s':>10}{'CPU s':>10}{'rows/s':>14}{'peak RSS MiB':>14}")
     print(f"{'generate':<10}{gen['seconds']:>10.1f}{gen['cpu_seconds']:>10.1f}{'':>14}{gen['peak_rss_mib']:>14.0f}")
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"(load average before the run: {', '.join(f'{x:.1f}' for x in load_before)} on {os.cpu_count()} CPUs;"
           f" wall time is shared with other processes)")
     print(f"\nrows read {rows:,} (items {args.items:,}, users {args.users:,}, events {rep['tables']['events']['read']:,}); "
-          f"goal < 60 s and < 6 GiB: {'met' if result['goal']['met'] else 'NOT met'}")
+          f"goal < 60 s and < 6 GiB: {'met' if result['goal']['met'] else 'NOT met'} on wall time, "
+          f"{'met' if result['goal']['met_on_cpu_time'] else 'NOT met'} on CPU time")
     if not args.no_write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
