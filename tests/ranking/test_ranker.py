@@ -87,3 +87,21 @@ def test_top_candidates_exact_and_excluding():
     ex = sp.csr_matrix(([1.0], ([0], [idx[0, 0]])), shape=(3, 50))
     idx2, _ = top_candidates(U, I, 5, exclude=ex)
     assert idx[0, 0] not in idx2[0] and list(idx2[0][:4]) == list(idx[0][1:5])
+
+
+def test_fit_ranker_and_evaluation_table(trained):
+    from ranking.train import evaluate_reranking, fit_ranker
+
+    t = trained
+    n = t.ctx.num_users
+    train_users = np.arange(n * 8 // 10)
+    test_users = np.arange(n * 8 // 10, n)
+    ranker, report = fit_ranker(t.builder, train_users, t.candidates[train_users], t.world.test_events,
+                                config=small_config(), valid_fraction=0.25)
+    assert report["train_groups"] > 100 and report["valid_groups"] > 20
+    assert report["valid_ndcg@20_ranker"] > report["valid_ndcg@20_retrieval"]
+    table = evaluate_reranking(ranker, t.builder, test_users, t.candidates[test_users], t.world.test_events)
+    assert table["users"] == len(test_users) and 0 < table["users_with_hit"] <= len(test_users)
+    assert table["reranked"]["ndcg@10"] > table["retrieval"]["ndcg@10"]
+    assert table["reranked"]["recall@20"] >= table["retrieval"]["recall@20"] * 0.9
+    assert 0 <= table["retrieval"]["recall@10"] <= table["retrieval"]["recall@20"] <= 1
