@@ -49,9 +49,9 @@ FEATURE_DESCRIPTIONS: dict[str, str] = {
     "kg_paths_co_buyer": "paths user-bought item-bought by another user-who bought the item",
     "kg_paths_total": "sum of the kg_paths_* counts",
     "kg_shortest_path": "length of the shortest purchase/cart path (2 or 3; 4 when none within 3 hops)",
-    "brand_share": "fraction of the user's bought/carted items made by the item's brand",
-    "category_share": "fraction of the user's bought/carted items in the item's category",
-    "attribute_overlap": "mean number of attribute values the item shares with each bought/carted item",
+    "brand_share": "share of the user's purchase/cart relationships whose item has the item's brand",
+    "category_share": "share of the user's purchase/cart relationships whose item is in the item's category",
+    "attribute_overlap": "attribute values shared with the user's purchased/carted items, per relationship",
     "user_item_views": "times the user viewed this item",
     "user_item_clicks": "times the user clicked this item",
     "user_item_carts": "times the user put this item in the cart",
@@ -212,19 +212,11 @@ class FeatureBuilder:
         cols["kg_paths_total"] = sum(cols[k] for k in KG_PATH_FEATURES)
         length3 = sum(cols[k] for k in KG_PATH_FEATURES if k != "kg_paths_also_bought")
         cols["kg_shortest_path"] = np.where(cols["kg_paths_also_bought"] > 0, 2.0, np.where(length3 > 0, 3.0, 4.0))
-        hsize = np.maximum(ctx.history_size[users_flat], 1.0)
-        bought_same_brand = _pair_dot(hist @ ctx.item_brand, ctx.item_brand, rep, flat) - _pair_values(
-            hist, rep, flat
-        ) * self._self_brand[flat]
-        bought_same_cat = _pair_dot(hist @ ctx.item_category, ctx.item_category, rep, flat) - _pair_values(
-            hist, rep, flat
-        ) * self._self_category[flat]
-        shared_attr = _pair_dot(hist @ ctx.item_attribute, ctx.item_attribute, rep, flat) - _pair_values(
-            hist, rep, flat
-        ) * self._self_attribute[flat]
-        cols["brand_share"] = np.maximum(bought_same_brand, 0) / hsize
-        cols["category_share"] = np.maximum(bought_same_cat, 0) / hsize
-        cols["attribute_overlap"] = np.maximum(shared_attr, 0) / hsize
+        # Shares of the user's purchase/cart relationships (a bought-and-carted item counts twice: stronger intent).
+        n_rel = np.maximum(np.asarray(H.sum(axis=1)).ravel()[rep], 1.0)
+        cols["brand_share"] = cols["kg_paths_brand"] / n_rel
+        cols["category_share"] = cols["kg_paths_category"] / n_rel
+        cols["attribute_overlap"] = cols["kg_paths_attribute"] / n_rel
 
         # --- the user's own interactions with the candidate
         cols["user_item_views"] = _pair_values(ctx.interactions["view"][user_index], rep, flat)

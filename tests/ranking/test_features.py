@@ -97,10 +97,16 @@ def test_shares_and_price_ratio(small):
     u = int(np.argmax(ctx.history_size))
     bought = ctx.history[u].indices
     i = int(bought[0])
-    others = [j for j in range(ctx.num_items) if j not in set(bought)]
+    # first candidate: an item the user did not buy, of a brand the user bought
+    others = sorted(
+        (j for j in range(ctx.num_items) if j not in set(bought)),
+        key=lambda j: ctx.brand_of_item[j] not in set(ctx.brand_of_item[bought].tolist()),
+    )
     fm = fb.build(np.array([u]), np.array([[i] + others[:5]]))
     brand = ctx.brand_of_item[others[0]]
-    expected_share = np.mean(ctx.brand_of_item[bought] == brand)
+    rel = ctx.history_relations[u]  # purchase + cart relationships (an item bought and carted counts twice)
+    expected_share = rel.data[ctx.brand_of_item[rel.indices] == brand].sum() / rel.data.sum()
+    assert expected_share > 0
     assert fm.row(0, 1)[FEATURE_NAMES.index("brand_share")] == pytest.approx(expected_share, rel=1e-5)
     med = np.median(ctx.item_price[bought])
     assert fm.row(0, 1)[FEATURE_NAMES.index("price_ratio")] == pytest.approx(ctx.item_price[others[0]] / med, rel=1e-5)
