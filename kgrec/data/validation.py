@@ -624,15 +624,16 @@ def validate_items(raw: RawTable, config: DataConfig, root: Path) -> TableResult
         category = cl.canonical_case(category)
     image = cl.text(t, "image")
     required = {c: {"item_id": item_id, "title": title}.get(c) for c in raw.required}
+    attr_text = _Text.of(t.column("attributes")) if "attributes" in t.column_names else None
     _check_common(flags, required, [("item_id", item_id, config.max_id_length), ("title", title, config.max_text_length),
                                     ("description", desc, config.max_text_length), ("brand", brand, config.max_id_length),
-                                    ("category", category, config.max_id_length)])
+                                    ("category", category, config.max_id_length),
+                                    ("attributes", attr_text, config.max_text_length)])
     price, bad_price = _numbers(t, "price")
     flags.flag(bad_price, "bad_type", lambda i: f"price {t.column('price')[i].as_py()!r} is not a number")
     with np.errstate(invalid="ignore"):
         flags.flag(~np.isnan(price) & ((price < 0) | ~np.isfinite(price)), "invalid_value",
                    lambda i: f"price {price[i]} must be a finite non-negative number")
-    attr_text = _Text.of(t.column("attributes")) if "attributes" in t.column_names else None
     attrs, bad_attrs, attr_msgs = _clean_attributes(attr_text, n, cl)
     flags.flag(bad_attrs, "bad_type", lambda i: attr_msgs[i])
     _flag_duplicate_ids(flags, item_id, "item_id")
@@ -689,8 +690,9 @@ def validate_users(raw: RawTable, config: DataConfig) -> TableResult:
     t, n, cl = raw.table, raw.table.num_rows, _Cleaner()
     flags = _Flags(raw)
     user_id = cl.text(t, "user_id")
-    _check_common(flags, {"user_id": user_id}, [("user_id", user_id, config.max_id_length)])
     attr_text = _Text.of(t.column("attributes")) if "attributes" in t.column_names else None
+    _check_common(flags, {"user_id": user_id}, [("user_id", user_id, config.max_id_length),
+                                                ("attributes", attr_text, config.max_text_length)])
     attrs, bad, msgs = _clean_attributes(attr_text, n, cl)
     flags.flag(bad, "bad_type", lambda i: msgs[i])
     _flag_duplicate_ids(flags, user_id, "user_id")
