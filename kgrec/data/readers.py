@@ -198,7 +198,10 @@ def read_delimited(path: Path, *, delimiter: str = ",", quoting: bool = True, co
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
     if column_names is None:
-        names = [h.strip().strip('"') for h in header_line.split(delimiter)]
+        import csv
+
+        names = next(csv.reader([header_line], delimiter=delimiter,
+                                quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE), [])
     else:
         names = list(column_names)
     if header_suffix_sep:
