@@ -31,6 +31,14 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 
+# The relationship properties the export needs (edge type split and edge_weight), per relationship type.
+_EXPORT_PROPS: dict[str, tuple[str, ...]] = {
+    **{rel: ("count",) for rel in ("VIEWED", "CLICKED", "CARTED", "PURCHASED", "RATED")},
+    "ALSO_BOUGHT": ("weight",),
+    "ENTITY_RELATION": ("relation",),
+}
+
+
 def _batches(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
     batch: list[dict[str, Any]] = []
     for row in rows:
@@ -314,9 +322,10 @@ class Neo4jStore:
             ids: list[str] = []
             after = None
             while True:
+                # Keyset pages in index order (a plain range predicate, so the uniqueness index serves the sort).
+                where = "" if after is None else "WHERE n.id > $after "
                 page = self._read(
-                    f"MATCH (n:{label}) WHERE $after IS NULL OR n.id > $after "
-                    "RETURN n.id AS id ORDER BY n.id LIMIT $limit",
+                    f"MATCH (n:{label}) {where}RETURN n.id AS id ORDER BY n.id LIMIT $limit",
                     after=after, limit=self.batch_size,
                 )
                 ids.extend(r["id"] for r in page)
@@ -334,14 +343,14 @@ class Neo4jStore:
                 src_ids = node_ids[et.src]
                 per_node = max(1, counts[rel] // max(1, len(src_ids)))
                 step = max(1, self.batch_size // per_node)
+                wanted = _EXPORT_PROPS.get(rel, ("confidence",))
                 query = (
                     f"UNWIND $ids AS sid MATCH (a:{et.src} {{id: sid}})-[r:{rel}]->(b:{et.dst}) "
-                    "RETURN sid, b.id AS did, r.count AS count, r.weight AS weight, "
-                    "r.confidence AS confidence, r.relation AS relation"
+                    "RETURN sid, b.id AS did" + "".join(f", r.{k} AS {k}" for k in wanted)
                 )
                 for start in range(0, len(src_ids), step):
                     for r in self._read(query, ids=src_ids[start:start + step]):
-                        props = {k: r[k] for k in ("count", "weight", "confidence", "relation") if r[k] is not None}
+                        props = {k: r[k] for k in wanted if r[k] is not None}
                         edges.append((pyg_edge_type(rel, props), r["sid"], r["did"], edge_weight_of(rel, props)))
                         bar.update(1)
         return build_hetero_data(node_ids, edges)
