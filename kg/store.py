@@ -74,6 +74,10 @@ class GraphStore(Protocol):
     def neighbours(self, node: NodeRef, types: Iterable[str] | None = None, *, direction: str = "both") -> list[NodeRef]:
         """Nodes one hop from ``node`` through the given relationship types (all when None), sorted."""
 
+    def expand(self, nodes: list[NodeRef]) -> dict[NodeRef, list[Any]]:
+        """Every relationship touching each node, both directions, as ``kg.paths.Hop`` (rel, forward, other,
+        properties): the adjacency read behind ``paths``/``subgraph`` (one batched query per label on Neo4j)."""
+
     def paths(self, src: NodeRef, dst: NodeRef, max_hops: int = 3, limit: int = 10) -> list[Path]:
         """Simple paths (no repeated node) from src to dst, ignoring direction, shortest first, then by
         relationship types and ids (deterministic, identical across backends)."""
