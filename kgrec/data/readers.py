@@ -460,26 +460,34 @@ def _attrs_from_columns(table: pa.Table, columns: list[str], prefix: str = "") -
     base = table.column("attributes").to_pylist() if "attributes" in table.column_names else [None] * table.num_rows
     if not columns:
         return pa.array(base, pa.string())
-    vals = {c: table.column(c).cast(pa.string()).to_pylist() for c in columns}
+    vals = [table.column(c).cast(pa.string()).to_pylist() for c in columns]
+    names = [c[len(prefix):] for c in columns]
     out: list[str | None] = []
-    for i in range(table.num_rows):
+    cache: dict[tuple[Any, ...], str | None] = {}  # attribute columns are usually low-cardinality combinations
+    for row in zip(base, *vals):
+        hit = cache.get(row)
+        if hit is not None or row in cache:
+            out.append(hit)
+            continue
         merged: dict[str, Any] = {}
-        b = base[i]
+        b = row[0]
         if b not in (None, ""):
             try:
                 obj = json.loads(b)
             except json.JSONDecodeError:
-                out.append(b)
-                continue
-            if not isinstance(obj, dict):
+                obj = None
+            if not isinstance(obj, dict):  # malformed: passed through for validation to quarantine
+                cache[row] = b
                 out.append(b)
                 continue
             merged.update(obj)
-        for c in columns:
-            v = vals[c][i]
+        for name, v in zip(names, row[1:]):
             if v is not None and v.strip() != "":
-                merged[c[len(prefix):]] = v
-        out.append(json.dumps(merged, ensure_ascii=False, sort_keys=True) if merged else None)
+                merged[name] = v
+        text = json.dumps(merged, ensure_ascii=False, sort_keys=True) if merged else None
+        if len(cache) < 1_000_000:
+            cache[row] = text
+        out.append(text)
     return pa.array(out, pa.string())
 
 
