@@ -109,6 +109,10 @@ class EmbeddedStore:
         target = FsPath(path) if path is not None else self.path
         if target is None:
             raise GraphStoreError("EmbeddedStore.save() needs a path (the store was created without one)")
+        if target.exists() and not (target / "meta.json").is_file() and any(target.iterdir()):
+            raise GraphStoreError(
+                f"refusing to replace {target}: it is not empty and not an embedded graph store; choose another path"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = FsPath(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
         g = self.graph

@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 from typer.testing import CliRunner
 
 from kg.embedded_store import EmbeddedStore
 from kg.export import hetero_equal
 from kg.loading import category_prefixes, train_events
 from kgrec.cli import app
+from kgrec.errors import GraphStoreError
 from tests.kg.conftest import SMALL_COUNTS
 
 
@@ -31,6 +33,12 @@ def test_save_open_roundtrip_without_pickle(small_dataset, tmp_path):
     # saving over an existing store swaps directories: no temporary leftovers
     again.save()
     assert [p.name for p in tmp_path.iterdir()] == ["g"]
+    # a directory that is not a store is never replaced
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.txt").write_text("keep me")
+    with pytest.raises(GraphStoreError, match="refusing to replace"):
+        again.save(tmp_path / "precious")
+    assert (tmp_path / "precious" / "thesis.txt").read_text() == "keep me"
 
 
 def test_category_prefixes_and_train_split(small_dataset):
