@@ -42,7 +42,7 @@ def neo4j_start(
 ) -> None:
     """Start a local server on 127.0.0.1 and print the NEO4J_* variables to export (password in a 0600 file)."""
     from kg.neo4j_server import (
-        Neo4jServer, cache_dir, clear_state, password_file, read_state, server_from_state, write_state,
+        Neo4jServer, cache_dir, password_file, read_state, server_from_state, state_file, write_state,
     )
 
     load_config(config)
@@ -53,7 +53,7 @@ def neo4j_start(
             typer.echo(f"Neo4j is already running (pid {state['pid']}) at {state['uri']}")
             _print_exports(state["uri"], state["user"], state["password_file"])
             return
-        clear_state()
+        state_file().unlink(missing_ok=True)  # stale (the server died); keep the password its home needs
     home = home or cache_dir() / "neo4j" / "home"
     password = None
     pw = password_file()
