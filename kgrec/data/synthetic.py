@@ -396,33 +396,43 @@ def generate_catalog(
 
     titles, descs, attrs_json, images_col, nouns = [], [], [], [], []
     missing_rows: list[tuple[str, str, str]] = []
-    for k in range(n_items):
-        spec = CATEGORIES[cat[k]]
-        noun = spec.nouns[noun_pick[k]]
-        col = COLOUR_NAMES[colour[k]]
-        mat = material_name[k]
-        pat = PATTERNS[pattern[k]]
-        bname = BRANDS[brand[k]].name
+    attr_cache: dict[tuple, str] = {}
+    ids_l = item_ids.tolist()
+    # plain lists: indexing numpy arrays element by element is what makes a per-item loop slow
+    for k, (c, b, ci, mat, pi, size, np_k, ep, tt, dt, dc, dm) in enumerate(zip(
+            cat.tolist(), brand.tolist(), colour.tolist(), material_name.tolist(), pattern.tolist(),
+            size_name.tolist(), noun_pick.tolist(), extra_pick.tolist(), title_tpl.tolist(), desc_tpl.tolist(),
+            drop_colour.tolist(), drop_material.tolist())):
+        spec = CATEGORIES[c]
+        noun = spec.nouns[np_k]
+        col = COLOUR_NAMES[ci]
+        pat = PATTERNS[pi]
         words = {
-            "brand": bname, "colour": col, "Colour": col.capitalize(), "material": mat, "noun": noun,
+            "brand": BRANDS[b].name, "colour": col, "Colour": col.capitalize(), "material": mat, "noun": noun,
             "pattern": pat, "Pattern": pat.capitalize(), "pattern_adj": "" if pat == "solid" else f"{pat} ",
-            "size_sentence": f"Available in size {size_name[k]}. " if size_name[k] else "",
-            "extra": _EXTRAS[spec.path][extra_pick[k]],
+            "size_sentence": f"Available in size {size}. " if size else "",
+            "extra": _EXTRAS[spec.path][ep],
         }
-        titles.append(_TITLE_TEMPLATES[title_tpl[k]].format(**words))
-        descs.append(_DESC_TEMPLATES[desc_tpl[k]].format(**words).strip())
+        titles.append(_TITLE_TEMPLATES[tt].format_map(words))
+        descs.append(_DESC_TEMPLATES[dt].format_map(words).strip())
         nouns.append(noun)
-        attrs = {"colour": col, "material": mat, "pattern": pat}
-        if size_name[k]:
-            attrs["size"] = size_name[k]
-        if drop_colour[k]:
-            del attrs["colour"]
-            missing_rows.append((item_ids[k], "colour", col))
-        if drop_material[k]:
-            del attrs["material"]
-            missing_rows.append((item_ids[k], "material", mat))
-        attrs_json.append(json.dumps(attrs, sort_keys=True))
-        images_col.append(f"images/{item_ids[k]}.png" if images else None)
+        key = (col, mat, pat, size, dc, dm)
+        text = attr_cache.get(key)
+        if text is None:
+            attrs = {"colour": col, "material": mat, "pattern": pat}
+            if size:
+                attrs["size"] = size
+            if dc:
+                del attrs["colour"]
+            if dm:
+                del attrs["material"]
+            text = attr_cache[key] = json.dumps(attrs, sort_keys=True)
+        attrs_json.append(text)
+        if dc:
+            missing_rows.append((ids_l[k], "colour", col))
+        if dm:
+            missing_rows.append((ids_l[k], "material", mat))
+        images_col.append(f"images/{ids_l[k]}.png" if images else None)
 
     order = np.argsort(item_ids.astype(str), kind="stable")  # write items sorted by id
     items_tbl = pa.table(
