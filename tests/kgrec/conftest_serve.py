@@ -6,6 +6,7 @@ fixture below is registered once per importing test module, but every registrati
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -17,14 +18,21 @@ SERVE = ServeConfig(max_k=50, max_upload_bytes=200_000, max_query_chars=200)
 _FITTED: dict[str, Any] = {}
 
 
-def fit_small_recommender(demo_dataset: Any, cache_dir: str) -> Any:
-    """A Recommender on the demo catalog with tiny seeded text/CLIP encoders (no download, no network)."""
+def tiny_encoders() -> tuple[Any, Any]:
+    """(text, clip) encoders built from tiny configs with fixed seeds: identical weights on every call."""
     from encoders.clip import ClipEncoder
     from encoders.text import TextEncoder
-    from kgrec.pipeline import Recommender
 
     text = TextEncoder.from_config(TINY_BERT, seed=0, max_length=32, batch_size=16, device="cpu")
     clip = ClipEncoder("kgrec-tiny-test", device="cpu", batch_size=32, seed=0)
+    return text, clip
+
+
+def fit_small_recommender(demo_dataset: Any, cache_dir: str) -> Any:
+    """A Recommender on the demo catalog with tiny seeded text/CLIP encoders (no download, no network)."""
+    from kgrec.pipeline import Recommender
+
+    text, clip = tiny_encoders()
     cfg = Config.load(env={}, overrides={"fusion.epochs": 15, "fusion.dim": 32, "ranking.num_candidates": 50,
                                           "encoders.cache_dir": cache_dir})
     return Recommender.fit(demo_dataset, cfg, progress=False, encoders=(text, clip))
@@ -32,6 +40,11 @@ def fit_small_recommender(demo_dataset: Any, cache_dir: str) -> Any:
 
 @pytest.fixture(scope="session")
 def serve_recommender(demo_dataset: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    if "rec" not in _FITTED and os.environ.get("KGREC_SERVE_TEST_BUNDLE"):
+        # developer shortcut: a bundle saved from fit_small_recommender on the same demo catalog (seed 0)
+        from kgrec.pipeline import Recommender
+
+        _FITTED["rec"] = Recommender.load(os.environ["KGREC_SERVE_TEST_BUNDLE"], encoders=tiny_encoders())
     if "rec" not in _FITTED:
         _FITTED["rec"] = fit_small_recommender(demo_dataset, str(tmp_path_factory.mktemp("serve_cache")))
     return _FITTED["rec"]
