@@ -39,7 +39,7 @@ helpers, ``top_candidates`` exact dot-product retrieval for arrays), ``train`` (
 from __future__ import annotations
 
 from ranking.context import RankingContext
-from ranking.explain import Explainer, Explanation, ExplanationError, explanation_schema
+from ranking.explain import Explainer, Explanation, ExplanationError, explain, explanation_schema
 from ranking.features import FEATURE_DESCRIPTIONS, FEATURE_NAMES, FeatureBuilder, FeatureMatrix
 from ranking.ranker import LABEL_GRADES, Ranker, TrainingSet, build_training_set, ndcg_at_k, top_candidates
 from ranking.report import render_report, write_report
@@ -59,6 +59,7 @@ __all__ = [
     "TrainingSet",
     "build_training_set",
     "evaluate_reranking",
+    "explain",
     "explanation_schema",
     "fit_ranker",
     "ndcg_at_k",

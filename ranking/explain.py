@@ -376,6 +376,20 @@ class Explainer:
         return ModalityEvidence(weights=weights, similarities=sims, dominant=dominant)
 
 
+def explain(
+    user_id: str,
+    item_id: str,
+    *,
+    context: RankingContext,
+    ranker: Ranker,
+    store: Any | None = None,
+    query_vector: np.ndarray | None = None,
+    config: RankingConfig | None = None,
+) -> Explanation:
+    """Explain why ``item_id`` is recommended to ``user_id`` (one-off; build an :class:`Explainer` to reuse)."""
+    return Explainer(context, ranker, store, config=config).explain(user_id, item_id, query_vector=query_vector)
+
+
 # ---------------------------------------------------------------------- phrase table
 def _count(v: float, one: str, many: str) -> str:
     n = int(round(v))

@@ -29,7 +29,7 @@ class Trained:
 
 
 def small_config(**kw) -> RankingConfig:
-    base = dict(n_estimators=120, learning_rate=0.08, num_leaves=15, early_stopping_rounds=20, seed=7, n_jobs=2)
+    base = dict(n_estimators=120, learning_rate=0.08, num_leaves=15, early_stopping_rounds=20, seed=7, n_jobs=1)
     base.update(kw)
     return RankingConfig(**base)
 

@@ -85,6 +85,18 @@ def test_faithfulness_neutralising_top_cited_feature_lowers_score(trained, expla
     assert lowered / total >= 0.9, (lowered, total)
 
 
+def test_one_off_explain_matches_explainer(trained, explainer):
+    from ranking import explain
+
+    u, i = trained.ctx.user_ids[7], trained.ctx.item_ids[int(trained.candidates[7][0])]
+    one = explain(u, i, context=trained.ctx, ranker=trained.ranker)
+    assert one.to_dict() == explainer.explain(u, i).to_dict()
+    from kgrec.errors import UnknownIdError
+
+    with pytest.raises(UnknownIdError, match="not known"):
+        explain("nobody", i, context=trained.ctx, ranker=trained.ranker)
+
+
 def test_feature_mismatch_is_refused(trained):
     class Other(FeatureBuilder):
         names = ("gnn_score",)

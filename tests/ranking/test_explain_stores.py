@@ -75,7 +75,7 @@ def test_paths_exist_in_store_and_removing_them_lowers_kg_features(trained, rank
     ctx = context_from_store(world, store)
     explainer = Explainer(ctx, trained.ranker, store)
     builder = explainer.builder
-    users = np.linspace(0, ctx.num_users - 1, 8).astype(int)
+    users = np.linspace(0, ctx.num_users - 1, 6).astype(int)
     checked_paths, lowered, tried = 0, 0, 0
     exported, ids = store.to_hetero_data()
     for u in users:
@@ -109,8 +109,8 @@ def test_paths_exist_in_store_and_removing_them_lowers_kg_features(trained, rank
             tried += 1
             lowered += after < before
             assert after < before, (u, e.item_id, cited.text, feature, before, after)
-    assert checked_paths >= 40
-    assert tried >= 10 and lowered == tried
+    assert checked_paths >= 30
+    assert tried >= 8 and lowered == tried
 
 
 def test_kg_features_agree_with_store_path_counts(trained, ranking_world, loaded_store):
