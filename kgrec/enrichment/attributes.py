@@ -271,6 +271,7 @@ def _pair_features(probs: dict[str, np.ndarray], stated: np.ndarray, log_prior: 
     for s in sorted(probs):
         p = probs[s][rows]
         cols.append(p)
+        cols.append(np.log(np.clip(p, 1e-4, 1.0)))  # log-linear pooling: sources multiply, like independent evidence
         cols.append((p >= p.max(axis=1, keepdims=True) - 1e-12).astype(np.float64))
     st = stated[rows]
     cols.append(st)
@@ -367,7 +368,7 @@ def infer_attribute(
     # values never seen in an item's category are not forbidden outright (colours cross categories freely); the
     # category vote (kg_category) tells the stacker how much the category constrains each attribute
     allowed = np.ones((len(labels), n_values), dtype=bool)
-    feature_names = [f"{s}:{kind}" for s in sorted(probs) for kind in ("p", "is_top")] + [
+    feature_names = [f"{s}:{kind}" for s in sorted(probs) for kind in ("p", "log_p", "is_top")] + [
         "text:stated", "text:stated_share", "log_prior"]
 
     # ---- validation on hidden known values: stacker out-of-fold, calibrator cross-fitted

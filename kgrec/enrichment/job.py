@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -290,8 +289,13 @@ def enrich(
     features = content_vectors(content_text, image if has_image.any() else None)
     prompt_encoder = None
     if clip_encoder is not None and has_image.any():
-        model_ids["zero_shot"] = str(clip_encoder.model_id)
-        prompt_encoder = clip_encoder.encode_texts
+        made_by = embeddings.model_ids.get("clip")
+        if made_by is not None and made_by != clip_encoder.model_id:
+            logger.warning("the CLIP encoder given (%s) did not make the image embeddings (%s): no zero-shot source",
+                           clip_encoder.model_id, made_by)
+        else:
+            model_ids["zero_shot"] = str(clip_encoder.model_id)
+            prompt_encoder = clip_encoder.encode_texts
     groups, adjacency = kg_neighbour_graph(item_ids, brand, category, dataset.events, also_bought_min_count)
     evidence = ItemEvidence(item_ids, features, image if has_image.any() else None, has_image, texts, category,
                             brand, kg_groups=groups, kg_neighbours=adjacency, prompt_encoder=prompt_encoder)
@@ -371,15 +375,15 @@ def enrich(
         complements={"n": int(len(comp)), "min_users": config.complement_min_users},
         records=records_frame(records),
     )
+    for name, r in results.items():
+        if r.curve is not None:
+            report.attributes[name]["reliability"] = r.curve.to_dict()
     if out_dir is not None:
         out = Path(out_dir)
         curves = {n: r.curve for n, r in results.items() if r.curve is not None}
         if curves:
             report.files["reliability_png"] = str(plot_reliability(curves, out / "reliability.png",
                                                                    threshold=threshold))
-        for name, r in results.items():
-            if r.curve is not None:
-                report.attributes[name]["reliability"] = r.curve.to_dict()
         if dry_run:
             report.files.update(write_review_files(report.records, out))
     if not dry_run:
@@ -439,15 +443,18 @@ def write_review_files(frame: pd.DataFrame, out_dir: str | Path) -> dict[str, st
 
 
 def read_review_file(path: str | Path) -> list[dict[str, Any]]:
-    """Records back from a reviewed ``enrichment.parquet`` / ``.csv`` (e.g. to write an edited dry run)."""
+    """Records back from a reviewed ``enrichment.parquet`` / ``.csv`` (e.g. to write an edited dry run with
+    ``store.write_enrichment(records, provenance)``): empty fields dropped, ``evidence`` decoded from JSON."""
     path = Path(path)
-    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str)
+    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str, keep_default_na=False)
     out = []
-    for r in frame.to_dict("records"):
-        rec = {k: v for k, v in r.items() if isinstance(v, str) or (isinstance(v, float) and np.isfinite(v))}
+    for row in frame.to_dict("records"):
+        rec: dict[str, Any] = {}
+        for key, value in row.items():
+            if value is None or (isinstance(value, float) and not np.isfinite(value)) or value == "":
+                continue
+            rec[key] = value
         rec["confidence"] = float(rec["confidence"])
         rec["evidence"] = json.loads(rec["evidence"]) if rec.get("evidence") else {}
-        rec = {k: v for k, v in rec.items() if not (k in ("type", "item_id", "name", "value", "src", "dst")
-                                                    and not re.sub(r"\s", "", str(v)))}
         out.append(rec)
     return out

@@ -91,10 +91,12 @@ def test_inferred_attributes_match_the_planted_truth(dry_report, demo_dataset):
         assert (m["confidence"] >= THRESHOLD).all()
 
 
-def test_stacking_beats_chance_without_text_mentions(demo_dataset, demo_embeddings):
-    """Leave the literal text mentions out: embeddings + KG votes alone still infer colour and material."""
+def test_stacking_beats_chance_without_text_mentions(demo_dataset, demo_embeddings, encoders):
+    """Leave the literal text mentions out: embeddings (of the listing text without its attributes, and of the
+    image) + KG votes still infer colour and material."""
     cfg = EnrichmentConfig(exclude_sources=["text"])
-    report = enrich(demo_dataset, demo_embeddings, None, config=cfg, dry_run=True)
+    report = enrich(demo_dataset, demo_embeddings, None, config=cfg, dry_run=True, text_encoder=encoders[0])
+    assert any(m.startswith("classifier_text=") for m in report.provenance["model_ids"])
     truth = _truth(demo_dataset, "missing_attributes.csv")
     for name in ("colour", "material"):
         a = report.attributes[name]
