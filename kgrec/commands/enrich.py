@@ -67,16 +67,19 @@ def enrich_command(
     dataset: Path = typer.Argument(..., help="Dataset directory (from `kgrec ingest` / `kgrec demo-data`)."),
     bundle: Path | None = typer.Option(None, "--bundle", "-b",
                                        help="A `kgrec train` bundle: its embeddings and (embedded) graph are used."),
-    embeddings: Path | None = typer.Option(None, "--embeddings",
-                                           help="Item embeddings from `kgrec encode` [bundle's, else DATASET/embeddings, else encode now]."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Write nothing to the graph: a reviewable CSV + Parquet instead."),
+    embeddings: Path | None = typer.Option(
+        None, "--embeddings",
+        help="Item embeddings from `kgrec encode` (default: the bundle's, else DATASET/embeddings, else encode now)."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Write nothing to the graph: a reviewable CSV + Parquet instead."),
     out: Path | None = typer.Option(None, "--out", "-o",
-                                    help="Report, reliability plot (and dry-run files) [DATASET/enrichment]."),
-    threshold: float | None = typer.Option(None, "--threshold", "-t", min=0.0, max=1.0,
-                                           help="Calibrated confidence an inferred value needs [enrichment.threshold]."),
+                                    help="Report, reliability plot (and dry-run files) (default: DATASET/enrichment)."),
+    threshold: float | None = typer.Option(
+        None, "--threshold", "-t", min=0.0, max=1.0,
+        help="Calibrated confidence an inferred value needs (default: enrichment.threshold, 0.8)."),
     backend: str | None = typer.Option(None, "--backend", help="Graph store: embedded | neo4j (NEO4J_* env)."),
-    graph: Path | None = typer.Option(None, "--graph",
-                                      help="Embedded graph directory [bundle's graph, else DATASET/graph]."),
+    graph: Path | None = typer.Option(
+        None, "--graph", help="Embedded graph directory (default: the bundle's graph, else DATASET/graph)."),
     use_encoders: bool = typer.Option(True, "--encoders/--no-encoders",
                                       help="Load the configured encoders for CLIP zero-shot prompts and attribute-free "
                                            "text vectors (only used when they match the embeddings' models)."),
@@ -101,7 +104,8 @@ def enrich_command(
         if emb.model_ids.get("text") == encoders[0].model_id:
             text_enc = encoders[0]
         else:
-            typer.echo("text encoder differs from the one that made the embeddings: classifier uses the stored text vectors")
+            typer.echo("text encoder differs from the one that made the embeddings: "
+                       "the classifier reads the stored text vectors")
         if emb.model_ids.get("clip") == encoders[1].model_id:
             clip_enc = encoders[1]
         else:

@@ -13,8 +13,9 @@ gives each item a probability vector over the V values:
   together), smoothed towards the global value frequencies;
 - ``text``: the title/description literally names the value (a whole-word match).
 
-A stacker (binary logistic regression on (item, value) pairs: the per-source probabilities, whether the value is
-each source's top pick, whether the text names it, its log prior frequency) turns these into one score per value,
+A stacker (binary logistic regression on (item, value) pairs: the per-source probabilities and their logs --
+log-linear pooling, so agreeing sources multiply --, whether the value is each source's top pick, whether the text
+names it, its log prior frequency) turns these into one score per value,
 normalised with a softmax over the values. Training targets come from hiding known
 values: for items that have the value every source is evaluated out-of-fold (classifier: K folds; kNN and KG votes:
 leave-one-out; the other sources use no labels), so the stacker sees what it will see on items that lack it. The
@@ -281,7 +282,7 @@ def _pair_features(probs: dict[str, np.ndarray], stated: np.ndarray, log_prior: 
 
 
 class _Stacker:
-    """Binary logistic model over (item, value) pairs; per-item softmax of its logits over allowed values."""
+    """Binary logistic model over (item, value) pairs; per-item softmax of its logits over the values."""
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -293,9 +294,9 @@ class _Stacker:
         self.model = LogisticRegression(C=1.0, max_iter=1000, random_state=self.seed).fit(x, y)
         return self
 
-    def scores(self, x: np.ndarray, n_values: int, allowed: np.ndarray) -> np.ndarray:
+    def scores(self, x: np.ndarray, n_values: int) -> np.ndarray:
+        """(items, V) probabilities from (items * V, F) pair features."""
         logits = self.model.decision_function(x).reshape(-1, n_values)
-        logits = np.where(allowed, logits, -np.inf)
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return p / p.sum(axis=1, keepdims=True)
@@ -365,9 +366,8 @@ def infer_attribute(
         stated = np.zeros_like(stated)
     prior = np.bincount(labels[lab], minlength=n_values).astype(np.float64)
     log_prior = np.log((prior + 1.0) / (prior.sum() + n_values))
-    # values never seen in an item's category are not forbidden outright (colours cross categories freely); the
-    # category vote (kg_category) tells the stacker how much the category constrains each attribute
-    allowed = np.ones((len(labels), n_values), dtype=bool)
+    # No value is forbidden outright by the item's category (colours cross categories freely): the category vote
+    # (kg_category) tells the stacker how much the category constrains each attribute.
     feature_names = [f"{s}:{kind}" for s in sorted(probs) for kind in ("p", "log_p", "is_top")] + [
         "text:stated", "text:stated_share", "log_prior"]
 
@@ -382,7 +382,7 @@ def infer_attribute(
         tr = pair_fold != f
         stk = _Stacker(seed).fit(x_lab[tr], y_lab[tr])
         te = lab_fold == f
-        oof[te] = stk.scores(x_lab[pair_fold == f], n_values, allowed[lab_idx[te]])
+        oof[te] = stk.scores(x_lab[pair_fold == f], n_values)
     top = oof.argmax(axis=1)
     raw = oof[np.arange(len(top)), top]
     correct = top == labels[lab_idx]
@@ -399,7 +399,7 @@ def infer_attribute(
     # ---- the final stacker on every labelled item, applied to the targets
     stacker = _Stacker(seed).fit(x_lab, y_lab)
     if len(target_idx):
-        scores = stacker.scores(_pair_features(probs, stated, log_prior, target_idx), n_values, allowed[target_idx])
+        scores = stacker.scores(_pair_features(probs, stated, log_prior, target_idx), n_values)
         predicted = scores.argmax(axis=1)
         confidence = calibrator.predict(scores[np.arange(len(predicted)), predicted])
     else:

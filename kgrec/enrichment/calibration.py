@@ -114,8 +114,10 @@ def reliability_curve(confidence: np.ndarray, correct: np.ndarray, bins: int = 1
 
 
 def plot_reliability(curves: dict[str, ReliabilityCurve], path: str | Path, *, threshold: float | None = None,
-                     title: str = "Attribute inference: reliability (held-out known values)") -> Path:
-    """Write a reliability diagram PNG (one line per attribute, point size ~ bin count) atomically."""
+                     title: str = "Attribute inference: reliability (held-out known values)",
+                     min_bin_count: int = 5) -> Path:
+    """Write a reliability diagram PNG (one line per attribute, point area ~ bin count) atomically. Bins with fewer
+    than ``min_bin_count`` items are not drawn (their accuracy is noise); the ECE in the legend counts them."""
     import io
 
     import matplotlib
@@ -128,11 +130,12 @@ def plot_reliability(curves: dict[str, ReliabilityCurve], path: str | Path, *, t
     fig, ax = plt.subplots(figsize=(5.5, 5.0), dpi=110)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
     for name, c in sorted(curves.items()):
-        if len(c.bin_count) == 0:
+        keep = c.bin_count >= min_bin_count
+        if not keep.any():
             continue
-        sizes = 10 + 90 * c.bin_count / max(1, c.bin_count.max())
-        ax.plot(c.bin_confidence, c.bin_accuracy, marker="o", lw=1.2, label=f"{name} (ECE {c.ece:.3f})")
-        ax.scatter(c.bin_confidence, c.bin_accuracy, s=sizes, alpha=0.4)
+        sizes = 10 + 140 * c.bin_count[keep] / max(1, c.bin_count.max())
+        line, = ax.plot(c.bin_confidence[keep], c.bin_accuracy[keep], lw=1.2, label=f"{name} (ECE {c.ece:.3f})")
+        ax.scatter(c.bin_confidence[keep], c.bin_accuracy[keep], s=sizes, alpha=0.5, color=line.get_color())
     if threshold is not None:
         ax.axvline(threshold, c="red", lw=1, ls=":", label=f"write threshold {threshold:g}")
     ax.set_xlim(0, 1)
@@ -140,7 +143,7 @@ def plot_reliability(curves: dict[str, ReliabilityCurve], path: str | Path, *, t
     ax.set_xlabel("calibrated confidence")
     ax.set_ylabel("observed accuracy")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -208,7 +208,8 @@ def test_duplicates_need_similar_content_and_no_contradicting_facts():
     assert res.n_candidates <= 60 * 5
     # without the structured checks the look-alikes come back
     loose = DuplicateSettings(k=5, require_same_price=False, require_no_conflict=False)
-    found = set(zip(*find_duplicates(ids, text, image, brand, cat, price, loose, attributes=attrs).pairs[["src", "dst"]].T.values))
+    pairs = find_duplicates(ids, text, image, brand, cat, price, loose, attributes=attrs).pairs
+    found = set(zip(pairs["src"], pairs["dst"]))
     assert {("i00", "i01"), ("i02", "i03"), ("i04", "i05")} <= found
 
 
