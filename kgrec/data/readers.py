@@ -220,7 +220,8 @@ def read_delimited(path: Path, *, delimiter: str = ",", quoting: bool = True, co
             parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False,
                                              newlines_in_values=quoting, ignore_empty_lines=False,
                                              invalid_row_handler=on_invalid),
-            convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
+            # the file was checked to be valid UTF-8 above, so Arrow can build strings directly
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                                  strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
@@ -341,10 +342,9 @@ def read_jsonl(path: Path) -> RawTable:
     """JSON Lines -> string columns (nested objects kept as JSON text); one row per non-blank line."""
     path = Path(path)
     file = path.name
-    columns: dict[str, list[str | None]] = {}
+    objs: list[dict[str, Any]] = []
     lines: list[int] = []
     rejected: list[dict[str, Any]] = []
-    n = 0
     blank = 0
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -370,20 +370,22 @@ def read_jsonl(path: Path) -> RawTable:
                                         f"{file} line {lineno}: expected a JSON object, got {type(obj).__name__}",
                                         {"text": text}))
                 continue
-            for k, v in obj.items():
-                key = str(k).strip().lower()
-                col = columns.get(key)
-                if col is None:
-                    col = columns[key] = [None] * n
-                if len(col) < n + 1:
-                    col.append(_json_cell(v))
-                else:  # same key twice after normalisation: first wins
-                    continue
-            n += 1
-            for col in columns.values():
-                if len(col) < n:
-                    col.append(None)
+            objs.append(obj)
             lines.append(lineno)
+    # columns: the union of keys in order of first appearance; keys equal after strip/lower-case share a column
+    # (the first key present in a row wins)
+    raw_keys = list(dict.fromkeys(k for o in objs for k in o))
+    by_name: dict[str, list[str]] = {}
+    for k in raw_keys:
+        by_name.setdefault(str(k).strip().lower(), []).append(k)
+    columns: dict[str, list[str | None]] = {}
+    for name, keys in by_name.items():
+        if len(keys) == 1:
+            k = keys[0]
+            values = [o.get(k) for o in objs]
+        else:
+            values = [next((o[k] for k in keys if o.get(k) is not None), None) for o in objs]
+        columns[name] = [v if v.__class__ is str else _json_cell(v) for v in values]
     table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()} if columns
                      else {"__empty": pa.array([], pa.string())})
     if not columns:  # every line was rejected: an empty table without data columns

@@ -198,3 +198,12 @@ def test_all_lines_rejected_still_accounts_for_every_row(tmp_path):
     assert (report.tables["items"].read, report.tables["items"].quarantined) == (3, 3)
     assert report.tables["events"].read == 0
     assert Dataset.open(tmp_path / "ds").manifest["counts"]["items"] == 0
+
+
+def test_jsonl_keys_differing_in_case_share_a_column(tmp_path):
+    p = tmp_path / "items.jsonl"
+    p.write_text('{"Item_ID": "A", "Title": "x"}\n{"item_id": "B", "title": "y", "extra": {"k": 1}}\n')
+    raw = read_jsonl(p)
+    assert raw.table.column("item_id").to_pylist() == ["A", "B"]
+    assert raw.table.column("title").to_pylist() == ["x", "y"]
+    assert raw.table.column("extra").to_pylist() == [None, '{"k": 1}']
