@@ -27,8 +27,11 @@ logger = logging.getLogger(__name__)
 
 # event type -> HeteroData relation name of the user->item interaction edge ("purchase" -> "purchased").
 INTERACTION_EDGE_NAMES: dict[str, str] = {ev: rel.lower() for ev, rel in INTERACTION_RELS.items()}
-# Event types whose items form a user's "history" (what the user bought or put in the cart).
-HISTORY_EVENT_TYPES: tuple[str, ...] = ("purchase", "cart")
+# Event types whose items form a user's "history": strong intent (bought, put in the cart, or rated - explicit
+# feedback, the only signal of rating datasets such as MovieLens). Their relationships are the first hop of the KG
+# paths counted by the features.
+HISTORY_EVENT_TYPES: tuple[str, ...] = ("purchase", "cart", "rating")
+HISTORY_RELS: tuple[str, ...] = tuple(INTERACTION_RELS[e] for e in HISTORY_EVENT_TYPES)
 SECONDS_PER_DAY = 86_400.0
 
 
@@ -135,13 +138,14 @@ class RankingContext:
 
     # ------------------------------------------------------------------ derived arrays
     def _derive(self) -> None:
-        """Matrices every feature batch reuses: history (purchase + cart relationships), normalised history means."""
-        hist = self.interactions["purchase"].copy()
-        hist.data = np.ones_like(hist.data)
-        cart = self.interactions["cart"].copy()
-        cart.data = np.ones_like(cart.data)
-        # One entry per PURCHASED / CARTED relationship: the number of distinct first hops of a KG path.
-        self.history_relations: sp.csr_matrix = (hist + cart).tocsr()
+        """Matrices every feature batch reuses: history (purchase + cart + rating relationships), prices."""
+        parts = []
+        for ev in HISTORY_EVENT_TYPES:
+            m = self.interactions[ev].copy()
+            m.data = np.ones_like(m.data)
+            parts.append(m)
+        # One entry per PURCHASED / CARTED / RATED relationship: the number of distinct first hops of a KG path.
+        self.history_relations: sp.csr_matrix = sum(parts[1:], parts[0]).tocsr()
         binary = self.history_relations.copy()
         binary.data = np.ones_like(binary.data)
         self.history: sp.csr_matrix = binary  # (U, I) 1 where bought or carted
@@ -152,7 +156,7 @@ class RankingContext:
         any_bin.data = np.ones_like(any_bin.data)
         self.touched: sp.csr_matrix = any_bin
         self.item_vectors_unit = _normalise_rows(self.item_vectors)
-        # Per-user median price of bought/carted items (NaN without priced history).
+        # Per-user median price of bought/carted/rated items (NaN without priced history).
         self.user_median_price = np.full(len(self.user_ids), np.nan)
         price = self.item_price
         indptr, indices = binary.indptr, binary.indices

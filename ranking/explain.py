@@ -45,7 +45,7 @@ import numpy as np
 from kg.store import Path as KGPath
 from kgrec.config import RankingConfig
 from kgrec.errors import KgrecError
-from ranking.context import RankingContext
+from ranking.context import HISTORY_RELS, RankingContext
 from ranking.features import FeatureBuilder
 from ranking.graph_paths import paths_to_items
 from ranking.ranker import Ranker
@@ -532,7 +532,7 @@ def _path_kind(path: KGPath) -> str:
         return "also_bought"
     if path.length == 3 and labels[1] == "Item":
         middle = labels[2]
-        if middle == "User" and not all(r in ("PURCHASED", "CARTED") for r in rels):
+        if middle == "User" and not all(r in HISTORY_RELS for r in rels):
             return "co_interest"
         return {
             "Brand": "brand",

@@ -4,8 +4,8 @@
 ``X`` of shape ``(n_users * C, F)`` float32, rows ordered user-major (row ``u * C + c`` is user ``u``'s ``c``-th
 candidate). Missing values are NaN (LightGBM treats them as missing).
 
-KG evidence counts typed paths of length 2-3 that start with one of the user's PURCHASED/CARTED relationships
-(user -[PURCHASED|CARTED]-> bought item ...):
+KG evidence counts typed paths of length 2-3 that start with one of the user's history relationships
+(user -[PURCHASED|CARTED|RATED]-> "bought" item ..., ``context.HISTORY_EVENT_TYPES``):
 
 ========================  ==========================================================================
 feature                   path pattern (all counted as distinct relationship paths, no repeated node)
@@ -15,7 +15,7 @@ kg_paths_brand            user -> bought -[MADE_BY]-> Brand <-[MADE_BY]- item   
 kg_paths_category         user -> bought -[IN_CATEGORY]-> Category <-[IN_CATEGORY]- item (length 3)
 kg_paths_attribute        user -> bought -[HAS_ATTRIBUTE]-> value <-[HAS_ATTRIBUTE]- item (length 3)
 kg_paths_entity           user -> bought -[LINKED_TO]-> Entity <-[LINKED_TO]- item       (length 3)
-kg_paths_co_buyer         user -> bought <-[PURCHASED|CARTED]- other user -> item        (length 3)
+kg_paths_co_buyer         user -> bought <-[PURCHASED|CARTED|RATED]- other user -> item  (length 3)
 ========================  ==========================================================================
 
 Each count is ``(H[u] @ M @ M.T)[i]`` for the history relationship matrix ``H`` and the item->node incidence
@@ -36,9 +36,9 @@ logger = logging.getLogger(__name__)
 # Feature names in column order, with what each one measures (the feature spec saved next to the model).
 FEATURE_DESCRIPTIONS: dict[str, str] = {
     "gnn_score": "dot product of the GNN user and item vectors (the retrieval score)",
-    "history_similarity": "cosine of the item's fused GNN vector to the mean of the user's bought/carted items",
-    "text_similarity": "cosine of the item's text vector to the mean text vector of the user's bought/carted items",
-    "image_similarity": "cosine of the item's image vector to the mean image vector of the user's bought/carted items",
+    "history_similarity": "cosine of the item's fused GNN vector to the mean of the user's bought/carted/rated items",
+    "text_similarity": "cosine of the item's text vector to the mean text vector of the user's bought/carted/rated items",
+    "image_similarity": "cosine of the item's image vector to the mean image vector of the user's bought/carted/rated items",
     "query_similarity": "cosine of the query vector to the item's text vector (NaN without a query)",
     "modality_weighted_similarity": "text/image/history similarities weighted by the item's fusion weights",
     "kg_paths_also_bought": "paths user-bought item-ALSO_BOUGHT-item",
@@ -48,10 +48,10 @@ FEATURE_DESCRIPTIONS: dict[str, str] = {
     "kg_paths_entity": "paths user-bought item-LINKED_TO-entity-LINKED_TO-item",
     "kg_paths_co_buyer": "paths user-bought item-bought by another user-who bought the item",
     "kg_paths_total": "sum of the kg_paths_* counts",
-    "kg_shortest_path": "length of the shortest purchase/cart path (2 or 3; 4 when none within 3 hops)",
-    "brand_share": "share of the user's purchase/cart relationships whose item has the item's brand",
-    "category_share": "share of the user's purchase/cart relationships whose item is in the item's category",
-    "attribute_overlap": "attribute values shared with the user's purchased/carted items, per relationship",
+    "kg_shortest_path": "length of the shortest purchase/cart/rating path (2 or 3; 4 when none within 3 hops)",
+    "brand_share": "share of the user's purchase/cart/rating relationships whose item has the item's brand",
+    "category_share": "share of the user's purchase/cart/rating relationships whose item is in the item's category",
+    "attribute_overlap": "attribute values shared with the user's purchased/carted/rated items, per relationship",
     "user_item_views": "times the user viewed this item",
     "user_item_clicks": "times the user clicked this item",
     "user_item_carts": "times the user put this item in the cart",
@@ -60,7 +60,7 @@ FEATURE_DESCRIPTIONS: dict[str, str] = {
     "item_popularity": "log1p of the item's number of interactions",
     "item_days_since_last_event": "days since anyone last interacted with the item (recency)",
     "price": "item price (NaN if unknown)",
-    "price_ratio": "item price / median price of the user's bought/carted items",
+    "price_ratio": "item price / median price of the user's bought/carted/rated items",
 }
 FEATURE_NAMES: tuple[str, ...] = tuple(FEATURE_DESCRIPTIONS)
 KG_PATH_FEATURES: tuple[str, ...] = (
@@ -212,7 +212,7 @@ class FeatureBuilder:
         cols["kg_paths_total"] = sum(cols[k] for k in KG_PATH_FEATURES)
         length3 = sum(cols[k] for k in KG_PATH_FEATURES if k != "kg_paths_also_bought")
         cols["kg_shortest_path"] = np.where(cols["kg_paths_also_bought"] > 0, 2.0, np.where(length3 > 0, 3.0, 4.0))
-        # Shares of the user's purchase/cart relationships (a bought-and-carted item counts twice: stronger intent).
+        # Shares of the user's purchase/cart/rating relationships (a bought-and-carted item counts twice: stronger intent).
         n_rel = np.maximum(np.asarray(H.sum(axis=1)).ravel()[rep], 1.0)
         cols["brand_share"] = cols["kg_paths_brand"] / n_rel
         cols["category_share"] = cols["kg_paths_category"] / n_rel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ranking.context import RankingContext
+from ranking.context import HISTORY_RELS, RankingContext
 from ranking.explain import PATH_KINDS, Explainer
 from ranking.features import FeatureBuilder
 
@@ -93,7 +93,7 @@ def test_paths_exist_in_store_and_removing_them_lowers_kg_features(trained, rank
                 checked_paths += 1
             # Remove the most relevant cited path with a matching KG feature: that feature must drop.
             cited = next((p for p in e.paths if PATH_KINDS[p.kind][1] is not None), None)
-            if cited is None or cited.path.steps[0].rel not in ("PURCHASED", "CARTED"):
+            if cited is None or cited.path.steps[0].rel not in HISTORY_RELS:
                 continue
             feature = PATH_KINDS[cited.kind][1]
             hetero = exported.clone()
@@ -130,7 +130,7 @@ def test_kg_features_agree_with_store_path_counts(trained, ranking_world, loaded
             counts = {k: 0 for k, (_, f) in PATH_KINDS.items() if f}
             for p in paths:
                 kind = _path_kind(p)
-                if kind in counts and p.steps[0].rel in ("PURCHASED", "CARTED"):
+                if kind in counts and p.steps[0].rel in HISTORY_RELS:
                     counts[kind] += 1
             row = fm.row(0, c)
             for kind, n in counts.items():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from ranking.context import HISTORY_EVENT_TYPES
 from ranking.features import FEATURE_NAMES, KG_PATH_FEATURES, FeatureBuilder
 from tests.ranking.world import context_from_world, make_world
 
@@ -17,9 +18,9 @@ def small():
 
 
 def brute_force_paths(ctx, u: int, i: int) -> dict[str, int]:
-    """Count typed simple paths user -[PURCHASED|CARTED]-> j ... -> i by walking neighbours one pair at a time."""
-    rels = []  # (j, multiplicity) one entry per PURCHASED / CARTED relationship
-    for ev in ("purchase", "cart"):
+    """Count typed simple paths user -[PURCHASED|CARTED|RATED]-> j ... -> i by walking neighbours pair by pair."""
+    rels = []  # one entry per PURCHASED / CARTED / RATED relationship
+    for ev in HISTORY_EVENT_TYPES:
         row = ctx.interactions[ev][u]
         rels += [int(j) for j in row.indices]
     out = {k: 0 for k in KG_PATH_FEATURES}
@@ -30,7 +31,7 @@ def brute_force_paths(ctx, u: int, i: int) -> dict[str, int]:
         "kg_paths_entity": ctx.item_entity,
     }
     buyers = {}
-    for ev in ("purchase", "cart"):
+    for ev in HISTORY_EVENT_TYPES:
         coo = ctx.interactions[ev].tocoo()
         for v, j in zip(coo.row, coo.col):
             buyers.setdefault(int(j), []).append(int(v))
