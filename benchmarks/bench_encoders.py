@@ -195,18 +195,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer items and repeats")
     parser.add_argument("--skip-fit", action="store_true", help="skip fit-clip / fit-text (keeps earlier results)")
     parser.add_argument("--items", type=int, default=1000)
+    parser.add_argument("--dataset", type=Path, default=None, help="use this dataset instead of generating the demo")
+    parser.add_argument("--fit-dirs", type=Path, nargs="*", default=None,
+                        help="instead of training: read metrics.json of earlier fit-clip / fit-text output dirs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import torch
 
     OUT.mkdir(parents=True, exist_ok=True)
-    ds = demo_dataset(args.items)
+    if args.dataset is not None:
+        from kgrec.data.schema import Dataset
+
+        ds = Dataset.open(args.dataset)
+    else:
+        ds = demo_dataset(args.items)
     repeats = 3 if args.quick else 5
     previous = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
     results: dict[str, Any] = {
         "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                     "cuda": torch.cuda.is_available(), "load_avg_at_start": os.getloadavg()},
-        "command": "python -m benchmarks.bench_encoders" + (" --quick" if args.quick else "") + (" --skip-fit" if args.skip_fit else ""),
+        "command": "python -m benchmarks.bench_encoders " + " ".join(__import__("sys").argv[1:]),
         "dataset": str(ds), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     results["effnet_padding"] = bench_padding()
@@ -219,7 +227,28 @@ def main() -> None:
     print_table("images: ClipEncoder.encode_images (CPU)", results["image_throughput"])
     results["cache"] = bench_cache(ds, OUT)
     print_table("encode_dataset: cold vs warm cache (text + CLIP text + image)", [results["cache"]])
-    if args.skip_fit:
+    if args.fit_dirs:
+        from encoders.fit_clip import summary_table as clip_table
+        from encoders.fit_text import summary_table as text_table
+
+        results["fit_clip"], results["fit_text"] = {}, {}
+        for d in args.fit_dirs:
+            saved = json.loads((d / "metrics.json").read_text())
+            m = saved["metrics"]
+            if (d / "clip_config.json").is_file():
+                fit = json.loads((d / "clip_config.json").read_text())["fit"]
+                key = f"top_blocks={fit['top_blocks']}"
+                results["fit_clip"][key] = {"table": clip_table(m), "seconds": m["seconds"], "timings": m.get("timings"),
+                                            "best_val_loss": m["best_val_loss"], "epochs_run": m["epochs_run"],
+                                            "config": fit, "from": str(d)}
+                print_table(f"fit-clip heads, {key} ({m['seconds']:.0f} s, from {d})", clip_table(m))
+            else:
+                fit = json.loads((d / "fit_text_config.json").read_text())["fit"]
+                results["fit_text"] = {"table": text_table(m), "seconds": m["seconds"],
+                                       "train_seconds": m["train_seconds"], "epochs_run": m["epochs_run"],
+                                       "config": fit, "from": str(d)}
+                print_table(f"fit-text ({m['seconds']:.0f} s, from {d})", text_table(m))
+    elif args.skip_fit:
         for key in ("fit_clip", "fit_text"):
             if key in previous:
                 results[key] = previous[key]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 
+@pytest.mark.slow
 def test_fit_clip_full_mode_tiny_model_checkpoint_roundtrip(demo_dataset, tmp_path):
     from encoders.clip import ClipEncoder
     from encoders.fit_clip import FitClipConfig, fit_clip
@@ -31,6 +32,7 @@ def test_fit_clip_full_mode_tiny_model_checkpoint_roundtrip(demo_dataset, tmp_pa
     assert enc1.model_id != base.model_id and enc1.image_size == (32, 32)
 
 
+@pytest.mark.slow
 def test_fit_clip_heads_mode_aligns_packaged_towers(demo_dataset, tmp_path):
     """The real default: frozen EfficientNet-Lite0 + MiniLM, trained heads; zero-shot beats chance clearly."""
     from encoders.fit_clip import FitClipConfig, fit_clip
