@@ -27,7 +27,7 @@ import json, resource, sys, time
 from kgrec.data.synthetic import generate_catalog
 t = time.perf_counter()
 s = generate_catalog(sys.argv[1], n_items=int(sys.argv[2]), n_users=int(sys.argv[3]), seed=0, images=False,
-                     n_events=int(sys.argv[4]), fmt="parquet")
+                     n_events=int(sys.argv[4]), fmt=sys.argv[5])
 u = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": time.perf_counter() - t, "counts": s.counts, "cpu_seconds": u.ru_utime + u.ru_stime,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--items", type=int, default=1_000_000)
     ap.add_argument("--events", type=int, default=10_000_000)
     ap.add_argument("--users", type=int, default=100_000)
+    ap.add_argument("--fmt", choices=["parquet", "text"], default="parquet",
+                    help="raw files as Parquet (default) or items.jsonl + CSV (the text readers)")
     ap.add_argument("--workdir", type=Path, default=None, help="where to write the raw catalog and dataset (tmp)")
     ap.add_argument("--no-write", action="store_true", help="do not update benchmarks/results/ingest.json")
     args = ap.parse_args(argv)
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_ingest-", dir=args.workdir))
     try:
         raw, out = work / "raw", work / "dataset"
-        gen = _child(_GENERATE, str(raw), str(args.items), str(args.users), str(args.events))
+        gen = _child(_GENERATE, str(raw), str(args.items), str(args.users), str(args.events), args.fmt)
         raw_bytes = sum(p.stat().st_size for p in raw.rglob("*") if p.is_file())
         ing = _child(_INGEST, str(raw), str(out))
         out_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -78,10 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
         "question": "ingest throughput and peak memory at 1M items + 10M events (issue 2 goal: < 60 s, < 6 GiB)",
         "command": "python -m benchmarks.bench_ingest " + " ".join(argv or sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "scale": {"items": args.items, "users": args.users, "events": args.events},
+        "scale": {"items": args.items, "users": args.users, "events": args.events, "raw_format": args.fmt},
         "load_average_before": [round(x, 2) for x in load_before],
     "generate": {"seconds": round(gen["seconds"], 2), "cpu_seconds_process": round(gen["cpu_seconds"], 2), "peak_rss_mib": round(gen["peak_rss_mib"], 1),
-                     "raw_parquet_mib": round(raw_bytes / 2**20, 1)},
+                     "raw_mib": round(raw_bytes / 2**20, 1)},
         "ingest": {
             "seconds": round(ing["seconds"], 2),
             "cpu_seconds_process": round(ing["cpu_seconds"], 2),  # includes interpreter start + imports
