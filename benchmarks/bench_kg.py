@@ -4,9 +4,10 @@ Questions:
   1. Relationships per second into Neo4j for a batched ``UNWIND $rows MERGE`` load of >= 1,000,000 relationships,
      against one transaction per relationship (per-row MERGE) on a sample of the same rows: the ratio (goal >= 20x).
   2. ``to_hetero_data()`` time for that graph, Neo4j (streamed in batches) and the embedded networkx store.
+  3. ``paths(user, item, max_hops=3)`` time per call on the demo catalog, both stores (same answers).
 
-Run: ``.venv/bin/python -m benchmarks.bench_kg [--rels 1000000] [--per-row 2000]``. Starts its own Neo4j (jars
-fetched once). Prints a table and writes ``benchmarks/results/kg.json``. Timings on a shared machine are noisy:
+Run: ``.venv/bin/python -m benchmarks.bench_kg [--rels 1000000] [--per-row 1000] [--paths-only]``.
+Starts its own Neo4j (jars fetched once). Prints a table and writes ``benchmarks/results/kg.json``. Timings on a shared machine are noisy:
 compare the ratio, which is measured on the same server in the same run.
 """
 from __future__ import annotations
@@ -44,6 +45,49 @@ def synthetic_rows(n_users: int, n_items: int, n_rels: int, seed: int = 0) -> tu
     return users, items, rels
 
 
+def bench_paths(n_pairs: int = 100) -> dict[str, object]:
+    """Mean ``paths(user, item, max_hops=3, limit=10)`` time on the demo catalog (1000 items, 300 users), both
+    stores, same random pairs; also checks that both stores return the same paths."""
+    import tempfile
+
+    from kg.embedded_store import EmbeddedStore
+    from kg.neo4j_server import Neo4jServer
+    from kg.neo4j_store import Neo4jStore
+    from kgrec.data.ingest import ingest
+    from kgrec.data.schema import Dataset
+    from kgrec.data.synthetic import generate_catalog
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-kg-paths-"))
+    generate_catalog(tmp / "raw", n_items=1000, n_users=300, seed=0, images=False)
+    ingest(tmp / "raw", tmp / "ds")
+    ds = Dataset.open(tmp / "ds")
+    rng = np.random.default_rng(0)
+    users, items = sorted(ds.users["user_id"]), sorted(ds.items["item_id"])
+    pairs = [(("User", users[rng.integers(len(users))]), ("Item", items[rng.integers(len(items))]))
+             for _ in range(n_pairs)]
+    out: dict[str, object] = {"pairs": n_pairs, "catalog": "demo 1000 items / 300 users", "max_hops": 3, "limit": 10}
+    emb = EmbeddedStore()
+    emb.load(ds)
+    results = {}
+    for name, store in [("embedded", emb)]:
+        store.paths(*pairs[0])
+        t = time.perf_counter()
+        results[name] = [store.paths(u, i, 3, 10) for u, i in pairs]
+        out[f"{name}_ms_per_call"] = 1000 * (time.perf_counter() - t) / n_pairs
+    with Neo4jServer() as server:
+        with Neo4jStore(server.uri, server.user, server.password, progress=False) as neo:
+            neo.load(ds)
+            neo.paths(*pairs[0])
+            t = time.perf_counter()
+            results["neo4j"] = [neo.paths(u, i, 3, 10) for u, i in pairs]
+            out["neo4j_ms_per_call"] = 1000 * (time.perf_counter() - t) / n_pairs
+    out["identical"] = results["embedded"] == results["neo4j"]
+    out["mean_paths_found"] = float(np.mean([len(p) for p in results["embedded"]]))
+    print(f"paths (max_hops=3, limit=10) on the demo catalog: embedded {out['embedded_ms_per_call']:.1f} ms/call, "
+          f"neo4j {out['neo4j_ms_per_call']:.1f} ms/call, identical: {out['identical']}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rels", type=int, default=1_000_000)
@@ -52,7 +96,16 @@ def main() -> None:
     ap.add_argument("--per-row", type=int, default=1_000, help="sample size for the per-row MERGE baseline")
     ap.add_argument("--batch-size", type=int, default=10_000)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--paths-only", action="store_true",
+                    help="only time path queries on the demo catalog and merge them into the results JSON")
     args = ap.parse_args()
+    if args.paths_only:
+        res_old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        res_old["paths"] = bench_paths()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res_old, indent=2, default=float) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+        return
 
     from kg.embedded_store import EmbeddedStore
     from kg.neo4j_server import NEO4J_VERSION, Neo4jServer
@@ -111,6 +164,7 @@ def main() -> None:
     res["embedded_export_s"] = time.perf_counter() - t
     res["exports_identical"] = bool((edata["user", "viewed", "item"].edge_index == neo_edges).all().item())
     res["machine"]["load_avg_end"] = os.getloadavg()[0]  # type: ignore[index]
+    res["paths"] = bench_paths()
 
     rows = [
         ("Neo4j per-row MERGE (1 tx/rel)", f"{len(sample):,}", f"{per_row_s:.1f}", f"{res['neo4j_per_row_rels_per_s']:,.0f}"),
