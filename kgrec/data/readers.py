@@ -597,14 +597,14 @@ def read_recbole(root: Path) -> RawSource:
                                                     for r in split_raws]))
     if split_raws:
         sp = _concat_raw(split_raws)
-        keep = [c for c in ("user_id", "item_id", "split", FILE_COL, LINE_COL)]
+        keep = ["user_id", "item_id", "split", FILE_COL, LINE_COL]
         missing = [c for c in ("user_id", "item_id") if c not in sp.table.column_names]
         if missing:
             raise DataError(f"{root}: split files lack column(s) {missing}")
         sp.table = sp.table.select(keep)
         sp.name, sp.required = "split", ("user_id", "item_id", "split")
-        if main:  # rows already counted as events elsewhere; parse failures belong to the split table
-            pass
+        if not main:  # the split files are also the events: their unparseable lines are counted once, as events
+            sp.rejected = []
         tables["split"] = sp
 
     item_path = root / f"{stem}.item"
@@ -619,8 +619,7 @@ def read_recbole(root: Path) -> RawSource:
         price = _first(cols, ("price",))
         image = _first(cols, ("image", "image_path"))
         mapped = {c for c in (title, desc, brand, price, image) if c}
-        new = {"item_id": t.column("item_id") if "item_id" in cols else None}
-        if new["item_id"] is None:
+        if "item_id" not in cols:
             raise DataError(f"{item_path}: no item_id column (header {cols})")
         out = pa.table({"item_id": t.column("item_id")})
         out = out.append_column("title", t.column(title) if title else pa.array([""] * t.num_rows, pa.string()))
