@@ -13,7 +13,6 @@ hub cache) or ``pretrained="/path/to/checkpoint.safetensors"``.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -317,6 +316,3 @@ def load_checkpoint_weights(model: torch.nn.Module, directory: Path) -> None:
             raise EncoderError(f"{path}: tensor {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
     model.load_state_dict(state, strict=False)
 
-
-def clone_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    return copy.deepcopy(cfg)
