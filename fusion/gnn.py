@@ -1,8 +1,9 @@
 """A relation-aware LightGCN over user-item interactions and knowledge-graph relations, with fused item inputs.
 
 Graph: one global node space (users, items, then every other HeteroData node type: brand, category, attribute,
-entity...). Each relation ``r`` (the training interactions, and every KG edge type, made undirected) gets its own
-symmetric normalisation ``A_r = D_r^-1/2 E_r D_r^-1/2`` and a learned gate ``a_r = 2 * sigmoid(theta_r)``
+entity...). Each relation ``r`` (the training interactions, and every KG edge type, made undirected) has an adjacency
+``A_r = D^-1/2 E_r D^-1/2`` (``D``: degrees over all relations, so a node's neighbours share one budget) and a learned
+gate ``a_r = 2 * sigmoid(theta_r)``
 (interactions fixed at 1). One layer is ``h^{l+1} = sum_r a_r A_r h^l``, computed as one SpMM with a CSR matrix whose
 values are ``a_r * norm`` (``GatedSymmetricSpMM``). We do not go through PyG's ``LGConv`` here, on measurement
 (ml-100k, 1 CPU thread, 2 layers): its gather/scatter message passing took ~1.1 s per forward+backward, its
@@ -34,7 +35,7 @@ class RelationalGraph:
     """Undirected multi-relational graph in a global node space (users first, then items, then KG nodes).
 
     ``edge_index`` (2, E) int64 holds both directions of every edge; ``edge_rel`` (E,) the relation id (0 =
-    training interactions); ``norm`` (E,) float32 the per-relation symmetric normalisation.
+    training interactions); ``norm`` (E,) float32 the symmetric normalisation over all relations.
     """
 
     num_users: int
@@ -132,10 +133,10 @@ def build_relational_graph(
     src = np.concatenate(srcs)
     dst = np.concatenate(dsts)
     rel = np.concatenate(rels)
-    norm = np.empty(len(src), dtype=np.float32)
-    for r in range(len(relations)):
-        m = rel == r
-        norm[m] = _sym_norm(src[m], dst[m], num_nodes)
+    # One symmetric normalisation over the union of relations (degrees count every edge of a node): per-relation
+    # normalisation let an item's single LINKED_TO edge (weight 1) drown its ~50 interaction edges (weight ~0.02);
+    # on ml-100k that cost valid NDCG@20 0.2014 vs 0.2512 without the KG (measured).
+    norm = _sym_norm(src, dst, num_nodes)
     edge_index = np.stack([np.concatenate([src, dst]), np.concatenate([dst, src])])
     logger.info("relational graph: %d nodes, %d undirected edges, %d relations", num_nodes, len(src), len(relations))
     return RelationalGraph(

@@ -405,9 +405,12 @@ def train_model(
     has_content = t_text is not None or t_image is not None
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
 
+    if has_content and cfg.id_dropout >= 1.0:  # content-only items: no ID modality at training or inference
+        present[:, 2] = False
+
     def forward_kwargs(training: bool) -> dict[str, Any]:
         p = present
-        if training and has_content and cfg.id_dropout > 0:
+        if training and has_content and 0 < cfg.id_dropout < 1:
             p = present.clone()
             p[:, 2] = torch.rand(num_items, generator=gen).to(device) >= cfg.id_dropout
         return {"text": t_text, "image": t_image, "present": p}
