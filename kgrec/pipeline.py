@@ -279,7 +279,7 @@ class Recommender:
         # 6. evaluation on test --------------------------------------------------------------------------------
         t4 = time.perf_counter()
         if len(te):
-            rec.metrics = rec._evaluate(events[ev_split <= 1], tr, va, te)
+            rec.metrics.update(rec._evaluate(events[ev_split <= 1], tr, va, te))
         timings["evaluate_s"] = time.perf_counter() - t4
         timings["total_s"] = time.perf_counter() - t0
         rec.metrics["timings"] = timings
@@ -325,27 +325,21 @@ class Recommender:
         return np.concatenate(out) if out else np.zeros((0, c), dtype=np.int64)
 
     def _fit_ranker(self, train_events: pd.DataFrame, valid_events: pd.DataFrame, tr: pd.DataFrame) -> Any:
+        """LightGBM LambdaRank on the GNN's candidates for users with valid events (features: train history only)."""
         from ranking.features import FeatureBuilder
-        from ranking.ranker import Ranker, build_training_set
+        from ranking.train import fit_ranker
 
         cfg = self.config.ranking
-        ctx = self._context_for(train_events)
-        builder = FeatureBuilder(ctx)
+        builder = FeatureBuilder(self._context_for(train_events))
         train_csr = _to_csr(tr["u"], tr["i"], (len(self.user_ids), len(self.item_ids)))
         users = np.unique(valid_events["user_id"].astype(str).map(self.user_pos).dropna().astype(np.int64))
         cand = self._candidates(users, train_csr, min(cfg.num_candidates, len(self.item_ids)))
-        ts = build_training_set(builder, users, cand, valid_events)
-        if len(ts.group) < 4:
-            logger.warning("too few users with valid events in their candidates (%d); no ranker", len(ts.group))
+        try:
+            ranker, report = fit_ranker(builder, users, cand, valid_events, config=cfg)
+        except DataError as exc:
+            logger.warning("no ranker: %s", exc)
             return None
-        # users split 80/20 for early stopping, seeded
-        rng = np.random.default_rng(cfg.seed)
-        gmask = rng.random(len(ts.group)) < 0.8
-        row_group = np.repeat(np.arange(len(ts.group)), ts.group)
-        rmask = gmask[row_group]
-        ranker = Ranker(cfg, feature_names=ts.names)
-        ranker.fit(ts.X[rmask], ts.y[rmask], ts.group[gmask],
-                   eval_X=ts.X[~rmask], eval_y=ts.y[~rmask], eval_group=ts.group[~gmask])
+        self.metrics["ranker_training"] = report
         return ranker
 
     def _evaluate(self, history_events: pd.DataFrame, tr: pd.DataFrame, va: pd.DataFrame, te: pd.DataFrame) -> dict[str, Any]:
