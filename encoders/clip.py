@@ -153,6 +153,10 @@ class _ImageSet(torch.utils.data.Dataset):
         return torch.zeros(3, *self.image_size), reason
 
 
+def _collate(batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([t for t, _ in batch]), [r for _, r in batch]
+
+
 class ClipEncoder:
     """Images and texts into one ``(n, dim)`` float32 L2-normalised space.
 
@@ -255,7 +259,7 @@ class ClipEncoder:
             dataset,
             batch_size=self.batch_size,
             num_workers=workers,
-            collate_fn=lambda b: (torch.stack([t for t, _ in b]), [r for _, r in b]),
+            collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
         )
         if self.show_progress and n > self.batch_size:

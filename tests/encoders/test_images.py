@@ -72,3 +72,19 @@ def test_clip_batch_survives_bad_images(tiny_clip, tmp_path):
     np.testing.assert_allclose(norms[[0, 3, 5]], 1.0, atol=1e-5)
     np.testing.assert_array_equal(norms[[1, 2, 4]], 0.0)
     np.testing.assert_allclose(vectors[0], vectors[3], atol=1e-5)  # path and PIL input give the same vector
+
+
+def test_dataloader_workers_decode_the_same(tiny_clip, tmp_path):
+    from encoders.clip import ClipEncoder
+
+    paths = []
+    for i in range(5):
+        p = tmp_path / f"{i}.png"
+        draw_product("blue", "Bags>Backpacks", seed=i).save(p)
+        paths.append(p)
+    paths.append(tmp_path / "missing.png")
+    inline, reasons0 = tiny_clip.encode_images_with_status(paths)
+    workers = ClipEncoder("kgrec-tiny-test", device="cpu", batch_size=2, num_workers=2, seed=0)
+    parallel, reasons2 = workers.encode_images_with_status(paths)
+    np.testing.assert_allclose(inline, parallel, atol=1e-5)
+    assert reasons0 == reasons2 and reasons2[-1] is not None
