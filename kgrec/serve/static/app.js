@@ -101,7 +101,7 @@ function renderExplanation(e, r) {
   const panel = $("explanation");
   panel.replaceChildren(el("h2", {}, e.item_title || r.title || e.item_id));
   if (r.image_url) panel.append(el("img", { class: "hero", src: r.image_url, alt: r.title || r.item_id }));
-  panel.append(el("p", { class: "sentence" }, e.sentence));
+  panel.append(sentence(e.sentence));
 
   panel.append(el("h3", {}, "Knowledge-graph paths"));
   if (e.paths && e.paths.length) {
@@ -124,11 +124,18 @@ function renderExplanation(e, r) {
   }
 }
 
+// The explanation sentence marks item titles with *asterisks*: show them in italics (text nodes only, no HTML).
+function sentence(text) {
+  const p = el("p", { class: "sentence" });
+  text.split("*").forEach((part, i) => p.append(i % 2 ? el("em", {}, part) : document.createTextNode(part)));
+  return p;
+}
+
 // A KG path user -> ... -> item as a small left-to-right graph: coloured nodes, labelled arrows.
 function pathGraph(p) {
-  const n = p.nodes.length, W = 380, H = 64, r = 9;
-  const step = (W - 60) / Math.max(n - 1, 1);
-  const x = (i) => 30 + i * step, y = 24;
+  const n = p.nodes.length, W = 380, H = 64, r = 9, margin = 46;
+  const step = (W - 2 * margin) / Math.max(n - 1, 1);
+  const x = (i) => margin + i * step, y = 24;
   const svg = svgEl("svg", { width: "100%", viewBox: `0 0 ${W} ${H}`, class: "path", role: "img", "aria-label": p.text });
   svg.append(svgEl("title", {}, p.text));
   const defs = svgEl("defs");
@@ -147,7 +154,7 @@ function pathGraph(p) {
     const g = svgEl("g");
     g.append(svgEl("title", {}, `${node.label}: ${node.name} (${node.id})`));
     g.append(svgEl("circle", { cx: x(i), cy: y, r, fill: COLORS[node.label] || "#6b7380" }));
-    g.append(svgEl("text", { x: x(i), y: y + r + 12, "text-anchor": "middle", fill: "#1d2330" }, short(node.name || node.id, 16)));
+    g.append(svgEl("text", { x: x(i), y: y + r + 12, "text-anchor": "middle", fill: "#1d2330" }, short(node.name || node.id, 15)));
     g.append(svgEl("text", { x: x(i), y: y + r + 23, "text-anchor": "middle", fill: "#8a92a0" }, node.label));
     svg.append(g);
   });
@@ -159,7 +166,7 @@ function contributionChart(all, cited) {
   const citedNames = new Set(cited.map((f) => f.name));
   const rows = Object.entries(all).filter(([, v]) => v !== null && v !== 0)
     .sort((a, b) => Math.abs(b[1]) - Math.abs(a[1])).slice(0, 8);
-  const W = 380, rowH = 16, labelW = 150, H = rows.length * rowH + 6;
+  const W = 380, rowH = 16, labelW = 170, H = rows.length * rowH + 6;
   const svg = svgEl("svg", { width: "100%", viewBox: `0 0 ${W} ${Math.max(H, 20)}`, class: "contrib", role: "img",
                              "aria-label": "feature contributions" });
   if (!rows.length) {
@@ -172,7 +179,7 @@ function contributionChart(all, cited) {
   rows.forEach(([name, v], i) => {
     const y = i * rowH + 3, w = (Math.abs(v) / maxAbs) * half;
     svg.append(svgEl("text", { x: labelW - 4, y: y + 10, "text-anchor": "end",
-                               "font-weight": citedNames.has(name) ? "700" : "400", fill: "#1d2330" }, short(name, 24)));
+                               "font-weight": citedNames.has(name) ? "700" : "400", fill: "#1d2330" }, short(name, 28)));
     svg.append(svgEl("rect", { x: v >= 0 ? mid : mid - w, y, width: Math.max(w, 1), height: rowH - 4,
                                fill: v >= 0 ? "#2f6fde" : "#d0463c", rx: "2" }));
     svg.append(svgEl("text", { x: v >= 0 ? mid + w + 3 : mid - w - 3, y: y + 10, "text-anchor": v >= 0 ? "start" : "end",
