@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if a.get("skipped") or attr not in per_attr:
                     continue
                 per_attr[attr]["held_out"] = {k: a[k] for k in ("n_labelled", "stacked_accuracy", "chance_accuracy",
-                                                                "ece", "source_accuracy")}
+                                                                "ece", "source_accuracy", "reliability")}
                 curve = _curve_from(rep, attr)
                 if curve is not None:
                     curves[f"{name}/{attr}"] = curve
