@@ -290,18 +290,34 @@ def _worker_model_ids(dask_worker: Any) -> str:
     return dask_worker.plugins[TEXT_PLUGIN].encoder.model_id
 
 
+def _worker_text_spec(dask_worker: Any) -> TextEncoderSpec | None:
+    plugin = dask_worker.plugins.get(TEXT_PLUGIN)
+    return None if plugin is None or plugin.encoder is None else plugin.spec
+
+
+def ensure_text_encoders(client: Any, spec: TextEncoderSpec) -> str:
+    """Load the encoder described by ``spec`` on every worker unless it is already there; returns its model id.
+
+    Workers that join later get it too (a registered worker plugin runs on every new worker).
+    """
+    specs = client.run(_worker_text_spec)
+    if not specs or any(s != spec for s in specs.values()):
+        client.register_plugin(TextEncoderPlugin(spec), name=TEXT_PLUGIN)
+    ids = set(client.run(_worker_model_ids).values())
+    if len(ids) != 1:
+        raise ConfigError(f"workers built different text encoders {sorted(ids)}; give every worker the same model")
+    return ids.pop()
+
+
 def encode_texts_dask(
     client: Any, texts: Sequence[str], spec: TextEncoderSpec, *, partition_size: int = 2048
 ) -> tuple[np.ndarray, str]:
     """Encode ``texts`` with one encoder per worker; returns ``((n, dim) float32 L2-normalised, model_id)``.
 
-    Rows come back in input order. Every worker must build the same weights (checked through the model ids).
+    Rows come back in input order. Every worker must build the same weights (checked through the model ids); the
+    model is loaded once per worker and reused by later calls with the same spec.
     """
-    client.register_plugin(TextEncoderPlugin(spec), name=TEXT_PLUGIN)
-    ids = set(client.run(_worker_model_ids).values())
-    if len(ids) != 1:
-        raise ConfigError(f"workers built different text encoders {sorted(ids)}; give every worker the same model")
-    model_id = ids.pop()
+    model_id = ensure_text_encoders(client, spec)
     texts = list(texts)
     bounds = partition_bounds(len(texts), -(-len(texts) // partition_size)) if texts else []
     futures = [client.submit(_encode_partition, texts[a:b], pure=False) for a, b in bounds]
@@ -334,8 +350,7 @@ def encode_items_dask(client: Any, items_parquet: str | Path, spec: TextEncoderS
     order, the same rows ``encode_dataset(...).text`` holds."""
     import pyarrow.parquet as pq
 
-    client.register_plugin(TextEncoderPlugin(spec), name=TEXT_PLUGIN)
-    model_id = next(iter(client.run(_worker_model_ids).values()))
+    model_id = ensure_text_encoders(client, spec)
     path = str(items_parquet)
     groups = pq.ParquetFile(path).metadata.num_row_groups
     parts = client.gather([client.submit(_encode_item_partition, path, g, pure=False) for g in range(groups)])
