@@ -177,7 +177,10 @@ def run(bundle: Path, label: str, clients: int, duration: float, warmup: float, 
         out: dict[str, Any] = {"bundle": str(bundle), "items": health["items"], "users": health["users"],
                                "store": health["store"], "endpoints": {}}
         for name, make in phases.items():
+            load_before = os.getloadavg()[0]
             res = asyncio.run(_phase(base, make, clients, duration, warmup))
+            # other work on the machine shares the CPUs: record how busy it was (1-min load average)
+            res["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
             out["endpoints"][name] = res
             print(f"  {label:<10} {name:<18} {res['throughput_rps']:8.1f} req/s  p50 {res['p50_ms']:7.1f} ms  "
                   f"p99 {res['p99_ms']:7.1f} ms  errors {res['errors']}", flush=True)

@@ -112,7 +112,11 @@ function renderExplanation(e, r) {
 
   panel.append(el("h3", {}, "Why the ranker scored it"));
   panel.append(contributionChart(e.all_contributions || {}, e.features || []));
-  for (const f of e.features || []) panel.append(el("div", { class: "kv" }, `+${f.contribution.toFixed(3)} · ${f.phrase}`));
+  for (const f of e.features || []) {
+    const row = sentence(`+${f.contribution.toFixed(3)} · ${f.phrase}`);
+    row.className = "kv";
+    panel.append(row);
+  }
 
   const m = e.modality || {};
   if (m.weights) {
@@ -174,7 +178,7 @@ function contributionChart(all, cited) {
     return svg;
   }
   const maxAbs = Math.max(...rows.map(([, v]) => Math.abs(v)));
-  const mid = labelW + (W - labelW) / 2, half = (W - labelW) / 2 - 36;
+  const mid = labelW + (W - labelW) / 2, half = (W - labelW) / 2 - 46;
   svg.append(svgEl("line", { x1: mid, y1: 0, x2: mid, y2: H, stroke: "#c5cbd5" }));
   rows.forEach(([name, v], i) => {
     const y = i * rowH + 3, w = (Math.abs(v) / maxAbs) * half;
