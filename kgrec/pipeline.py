@@ -802,14 +802,10 @@ class Recommender:
 
 # ---------------------------------------------------------------------------------------------------- wiring
 def open_store(cfg: Config, path: str | Path | None = None) -> Any:
-    """The configured ``GraphStore``: embedded (default) or Neo4j (``NEO4J_*`` environment variables)."""
-    if cfg.kg.backend == "neo4j":
-        from kg.neo4j_store import Neo4jStore
+    """The configured ``GraphStore`` (see ``kg.factory.open_store``)."""
+    from kg.factory import open_store as _open
 
-        return Neo4jStore.from_config(cfg.kg)
-    from kg.embedded_store import EmbeddedStore
-
-    return EmbeddedStore.from_config(cfg.kg, path)
+    return _open(cfg.kg, path)
 
 
 def build_encoders(cfg: Config, dataset: Dataset | None, *, spec: dict[str, Any] | None = None,
