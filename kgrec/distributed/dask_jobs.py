@@ -59,6 +59,7 @@ def dask_client(
     from distributed import Client, LocalCluster
 
     if scheduler:
+        _probe(scheduler)
         try:
             client = Client(scheduler, timeout="30s")
         except OSError as exc:
@@ -85,6 +86,23 @@ def dask_client(
     finally:
         client.close()
         cluster.close()
+
+
+def _probe(scheduler: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (instead of the client's 30 s of retries) when nothing listens at a ``tcp://host:port`` address."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(scheduler if "://" in scheduler else f"tcp://{scheduler}")
+    if parts.scheme != "tcp" or not parts.hostname:
+        return  # tls://, ucx://, inproc://: leave it to the client
+    try:
+        socket.create_connection((parts.hostname, parts.port or 8786), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot reach the Dask scheduler at {scheduler}: {exc}. Start one with `dask scheduler` and "
+            "workers with `dask worker ADDRESS`, or run with --engine local"
+        ) from exc
 
 
 def check_engine(engine: str) -> str:
