@@ -66,22 +66,23 @@ class FusionConfig(_Section):
     dim: int = 64
     num_layers: int = 2
     epochs: int = 100
-    batch_size: int = 2048
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    patience: int = 10
+    # defaults = the settings measured best on ml-100k (benchmarks/bench_ml100k.py TRAIN_CONFIG)
+    batch_size: int = 8192
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    patience: int = 6
     seed: int = 2020
     use_kg: bool = True
     use_text: bool = True
     use_image: bool = True
     device: str = "auto"
     # --- fusion/ training details (fusion/train.py documents each) ---
-    loss: Literal["bpr", "softmax"] = "bpr"  # softmax = sampled softmax over num_negatives shared negatives
-    num_negatives: int = 1  # uniform negatives per positive (bpr) or per batch (softmax)
+    loss: Literal["bpr", "softmax"] = "softmax"  # softmax = sampled softmax over num_negatives shared negatives
+    num_negatives: int = 256  # uniform negatives per positive (bpr) or per batch (softmax)
     temperature: float = 0.2  # softmax loss temperature
     id_dropout: float = 0.1  # share of items whose ID embedding is hidden per step (teaches content-only vectors)
     max_eval_users: int = 10_000  # users sampled for per-epoch validation on large data
-    hybrid_ease: bool = False  # add an EASE item-item term learned on train, weight chosen on valid
+    hybrid_ease: bool = True  # add an EASE item-item term learned on train, weight chosen on valid
     ease_lambdas: list[float] = Field(default_factory=lambda: [100.0, 200.0, 300.0, 500.0, 800.0])
     hybrid_weights: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
     max_ease_items: int = 30_000  # EASE needs a dense items x items inverse; skipped above this

@@ -667,7 +667,7 @@ class Recommender:
         n_new = len(new_items)
         m.item_embeddings = np.vstack([m.item_embeddings, vecs])
         m.modality_weights = np.vstack([m.modality_weights, weights])
-        m.train_matrix = sp.csr_matrix(sp.hstack([m.train_matrix, sp.csr_matrix((m.train_matrix.shape[0], n_new))]))
+        m.train_matrix = sp.csr_matrix(sp.hstack([m.train_matrix, sp.csr_matrix((m.train_matrix.shape[0], n_new), dtype=np.float32)]), dtype=np.float32)
         if m.item_item is not None:
             ii = np.zeros((m.item_item.shape[0] + n_new,) * 2, dtype=np.float32)
             ii[: m.item_item.shape[0], : m.item_item.shape[1]] = m.item_item
@@ -695,7 +695,7 @@ class Recommender:
             if len(items):
                 vecs[r] = m.user_vector_from_items(items.astype(np.int64).to_numpy())
         m.user_embeddings = np.vstack([m.user_embeddings, vecs])
-        m.train_matrix = sp.csr_matrix(sp.vstack([m.train_matrix, sp.csr_matrix((len(new_user_ids), m.train_matrix.shape[1]))]))
+        m.train_matrix = sp.csr_matrix(sp.vstack([m.train_matrix, sp.csr_matrix((len(new_user_ids), m.train_matrix.shape[1]), dtype=np.float32)]), dtype=np.float32)
         self.user_ids += new_user_ids
         self.user_pos = _index(self.user_ids)
 
