@@ -27,6 +27,10 @@ def serve(
     from kgrec.serve.app import create_app
 
     cfg = load_config(config, **{"serve.host": host, "serve.port": port})
+    if cfg.serve.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.serve.torch_threads)
     typer.echo(f"loading bundle {bundle} ...")
     rec = Recommender.load(bundle)
     app = create_app(rec, cfg)
