@@ -117,7 +117,7 @@ class ServeConfig(_Section):
     max_upload_bytes: int = 10 * 1024 * 1024  # image search uploads
     max_query_chars: int = 1000  # longest text query accepted
     torch_threads: int = 1  # intra-op threads for query encoding in `kgrec serve` (0 = torch's default); requests
-    # are served one at a time, and on 2 shared cores 1 thread encoded a query 5x faster than 2 (bench_serve)
+    # are served one at a time, and on 2 shared cores 1 thread encoded a query ~5x faster than 2 (measured)
 
 
 class EnrichmentConfig(_Section):
