@@ -304,13 +304,23 @@ class Recommender:
         order = np.array([emb_pos[i] for i in self.item_ids], dtype=np.int64)
         text = self.embeddings.text[order] if self.embeddings.text.shape[1] else None
         image = self.embeddings.image[order] if self.embeddings.image.shape[1] else None
-        return RankingContext.from_hetero(
+        ctx = RankingContext.from_hetero(
             hetero, self.id_maps,
             user_vectors=self.model.user_embeddings, item_vectors=self.model.item_embeddings,
             user_ids=self.user_ids, item_ids=self.item_ids,
             item_text=text, item_image=image, modality_weights=self.model.modality_weights,
             items=self.items.reset_index(drop=True), events=events,
         )
+        ctx.retrieval_scorer = self._retrieval_scores
+        return ctx
+
+    def _retrieval_scores(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """(n, C) retrieval-model scores (embeddings + hybrid item-item term) of each user's candidates."""
+        out = np.empty(candidates.shape, dtype=np.float32)
+        for s in range(0, len(users), 256):
+            scores = self.model.score_all(np.asarray(users[s : s + 256])).numpy()
+            out[s : s + 256] = np.take_along_axis(scores, np.maximum(candidates[s : s + 256], 0), axis=1)
+        return out
 
     def _candidates(self, users: np.ndarray, exclude: sp.csr_matrix | None, c: int) -> np.ndarray:
         """(n, c) top GNN items per user (``exclude``: (U, I) CSR over all users; -1 pads when too few)."""

@@ -103,6 +103,9 @@ class RankingContext:
     item_last_event: np.ndarray | None = None
     item_titles: list[str] | None = None
     item_images: list[str | None] | None = None
+    # Optional (user_index (n,), candidates (n, C)) -> (n, C) scores that replace the plain dot product as the
+    # ``gnn_score`` feature, e.g. a retrieval model with an extra item-item term (fusion's EASE hybrid).
+    retrieval_scorer: Any = None
 
     def __post_init__(self) -> None:
         n_users, n_items = len(self.user_ids), len(self.item_ids)

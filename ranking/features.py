@@ -155,7 +155,10 @@ class FeatureBuilder:
 
         # --- vectors
         uvec = ctx.user_vectors[user_index]
-        cols["gnn_score"] = np.einsum("nd,ncd->nc", uvec, ctx.item_vectors[candidates]).ravel()
+        if ctx.retrieval_scorer is not None:
+            cols["gnn_score"] = np.asarray(ctx.retrieval_scorer(user_index, candidates), dtype=np.float32).ravel()
+        else:
+            cols["gnn_score"] = np.einsum("nd,ncd->nc", uvec, ctx.item_vectors[candidates]).ravel()
         hist = ctx.history[user_index]  # (n, I) binary
         has_hist = ctx.history_size[user_index] > 0
         base = ctx.touched[user_index]
