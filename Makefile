@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kgrec-installed
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test bench neo4j-fetch clean
+.PHONY: setup demo test bench neo4j-fetch browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,10 @@ neo4j-fetch: setup
 demo: setup
 	$(VENV)/bin/kgrec demo --out $(DEMO_OUT)
 
-test: setup neo4j-fetch
+browser:
+	bash scripts/install_browser.sh
+
+test: setup neo4j-fetch browser
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: setup
