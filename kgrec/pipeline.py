@@ -205,6 +205,7 @@ class Recommender:
         self._context: Any = None
         self._explainer: Any = None
         self._seen: sp.csr_matrix | None = None
+        self._aligned: dict[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------------------------------------------ fitting
     @classmethod
@@ -264,7 +265,7 @@ class Recommender:
         rec = cls(
             config=cfg, user_ids=user_ids, item_ids=item_ids, model=model, ranker=None, store=store,
             embeddings=embeddings, items=items_df, events=events, hetero=hetero, id_maps=id_maps,
-            dataset_root=ds.root, encoder_spec=_encoder_spec(cfg, text_enc, clip_enc),
+            dataset_root=ds.root, encoder_spec=_encoder_spec(cfg, text_enc, clip_enc, custom=encoders is not None),
             data_fingerprint=ds.fingerprint,
         )
         rec._text_encoder, rec._clip_encoder = text_enc, clip_enc
@@ -459,7 +460,7 @@ class Recommender:
         qvec = None
         if query:
             qvec = self._query_text_vector(query)
-            qscores = self._search_scores(text=query)
+            qscores, _ = self._search_scores(text=query)
             if exclude is not None:
                 qscores[exclude[u].indices] = -np.inf
             extra = np.argsort(-qscores, kind="stable")[:c]
@@ -519,44 +520,55 @@ class Recommender:
             return None
         return self.text_encoder.encode([text])[0]
 
-    def _search_scores(self, text: str | None = None, image: Any = None) -> np.ndarray:
-        """(I,) combined z-scored similarities: BERT text space + CLIP (text->image, image->image)."""
-        order = self._item_order()
+    @property
+    def aligned_vectors(self) -> dict[str, np.ndarray]:
+        """Item text / image vectors and image presence in the model's item order (computed once, not per query)."""
+        if self._aligned is None:
+            order = self._item_order()
+            self._aligned = {"text": self.embeddings.text[order], "image": self.embeddings.image[order],
+                             "has_image": self.embeddings.has_image[order]}
+        return self._aligned
+
+    def _search_scores(self, text: str | None = None, image: Any = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(I,) combined z-scored similarities (BERT text space + CLIP text->image, image->image) and the raw
+        per-source similarities. Thread-safe: nothing is stored on the instance."""
+        vec = self.aligned_vectors
         parts: list[np.ndarray] = []
-        self._last_sources: dict[str, np.ndarray] = {}
+        sources: dict[str, np.ndarray] = {}
         if text:
-            if self.text_encoder is not None and self.embeddings.text.shape[1]:
-                s = self.embeddings.text[order] @ self.text_encoder.encode([text])[0]
-                self._last_sources["text"] = s
+            if self.text_encoder is not None and vec["text"].shape[1]:
+                s = vec["text"] @ self.text_encoder.encode([text])[0]
+                sources["text"] = s
                 parts.append(_zscore(s))
-            if self.clip_encoder is not None and self.embeddings.image.shape[1]:
+            if self.clip_encoder is not None and vec["image"].shape[1]:
                 q = self.clip_encoder.encode_texts([text])[0]
-                s = self.embeddings.image[order] @ q
-                s[~self.embeddings.has_image[order]] = np.nan
-                self._last_sources["clip_image"] = s
-                parts.append(np.nan_to_num(_zscore(np.nan_to_num(s, nan=np.nanmin(s) if np.isfinite(s).any() else 0)), nan=0.0))
+                s = vec["image"] @ q
+                s[~vec["has_image"]] = np.nan
+                sources["clip_image"] = s
+                floor = np.nanmin(s) if np.isfinite(s).any() else 0.0
+                parts.append(np.nan_to_num(_zscore(np.nan_to_num(s, nan=floor)), nan=0.0))
         if image is not None:
-            if self.clip_encoder is None or not self.embeddings.image.shape[1]:
+            if self.clip_encoder is None or not vec["image"].shape[1]:
                 raise DataError("image search needs a CLIP encoder in the bundle")
             vecs, status = self.clip_encoder.encode_images_with_status([image])
             if status[0]:
                 raise DataError(f"the query image cannot be used: {status[0]}")
-            s = self.embeddings.image[order] @ vecs[0]
-            self._last_sources["image"] = s
+            s = vec["image"] @ vecs[0]
+            sources["image"] = s
             parts.append(_zscore(s))
         if not parts:
             raise DataError("search needs text or an image")
-        return np.mean(parts, axis=0)
+        return np.mean(parts, axis=0), sources
 
     def search(self, text: str | None = None, image: Any = None, k: int = 10) -> list[Recommendation]:
         """Cross-modal search: free text (BERT text space + CLIP text->image) and/or an image (CLIP)."""
         if k < 1:
             raise DataError(f"k must be at least 1, got {k}")
-        scores = self._search_scores(text=text, image=image)
+        scores, sources = self._search_scores(text=text, image=image)
         order = np.argsort(-scores, kind="stable")[:k]
         return [
             self._result(int(i), scores[i], r + 1,
-                         sources={n: float(v[i]) for n, v in self._last_sources.items() if np.isfinite(v[i])})
+                         sources={n: float(v[i]) for n, v in sources.items() if np.isfinite(v[i])})
             for r, i in enumerate(order)
         ]
 
@@ -618,7 +630,7 @@ class Recommender:
                                 ignore_index=True).drop_duplicates(ignore_index=True)
         new_events = new_events.iloc[: len(self.events) - before]
         self.hetero, self.id_maps = self.store.to_hetero_data()
-        self._context = self._explainer = self._seen = None
+        self._context = self._explainer = self._seen = self._aligned = None
         unseen_events = int((~new_events["item_id"].isin(self.item_ids[:n_old_items])
                              | ~new_events["user_id"].astype(str).isin(self.user_ids[:n_old_users])).sum())
         trained_events = int(self.metrics.get("counts", {}).get("events", len(self.events) - len(new_events)))
@@ -826,6 +838,11 @@ def build_encoders(cfg: Config, dataset: Dataset | None, *, spec: dict[str, Any]
 
     ec = cfg.encoders
     spec = spec or {}
+    if spec.get("custom"):
+        raise BundleError(
+            "this bundle was trained with encoders built in code (Recommender.fit(encoders=...)); open it with "
+            "Recommender.load(path, encoders=(text_encoder, clip_encoder)) to search or to update it"
+        )
     text_model = spec.get("text_model", ec.text_model)
     text = TextEncoder(text_model, max_length=ec.text_max_length, batch_size=ec.text_batch_size, device=ec.device) \
         if text_model else None
@@ -838,8 +855,9 @@ def build_encoders(cfg: Config, dataset: Dataset | None, *, spec: dict[str, Any]
     return text, clip
 
 
-def _encoder_spec(cfg: Config, text: Any, clip: Any) -> dict[str, Any]:
+def _encoder_spec(cfg: Config, text: Any, clip: Any, custom: bool = False) -> dict[str, Any]:
     return {
+        "custom": custom,  # built in code (fit(encoders=...)): load() needs the same encoders passed in
         "text_model": cfg.encoders.text_model if text is not None else None,
         "text_model_id": getattr(text, "model_id", None),
         "clip_model": cfg.encoders.clip_model if clip is not None else None,
