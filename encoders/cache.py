@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from kgrec.data.schema import atomic_write_json
+from kgrec.data.schema import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +154,7 @@ class EmbeddingCache:
         data = st_save({"vectors": rows}, metadata={"keys": json.dumps(shard_keys), "model_id": self.model_id})
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"shard-{uuid.uuid4().hex}.safetensors"
-        self._write_atomic(self.dir / name, data)
+        atomic_write_bytes(self.dir / name, data)
         entry = {"file": name, "rows": len(shard_keys), "sha256": hashlib.sha256(data).hexdigest()}
         self.dim = int(rows.shape[1])
         self._write_index(self._entries + [entry])
@@ -165,19 +163,6 @@ class EmbeddingCache:
         self._entries.append(entry)
         for row, key in enumerate(shard_keys):
             self._keys[key] = (n, row)
-
-    @staticmethod
-    def _write_atomic(path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def _write_index(self, entries: list[dict]) -> None:
         atomic_write_json(

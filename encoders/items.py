@@ -113,7 +113,8 @@ class ItemEmbeddings:
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
         try:
             save_file(
-                {"text": self.text, "image": self.image, "clip_text": self.clip_text},
+                {name: np.ascontiguousarray(v, dtype=np.float32)  # raw buffers: C order or they load scrambled
+                 for name, v in (("text", self.text), ("image", self.image), ("clip_text", self.clip_text))},
                 str(tmp / "embeddings.safetensors"),
                 metadata={"format_version": str(FORMAT_VERSION)},
             )

@@ -270,11 +270,12 @@ class TrainedModel:
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
         """Write ``config.json`` (config, history, relation weights) and ``model.safetensors``; atomic rename."""
-        import os
         import shutil
         import tempfile
 
         from safetensors.numpy import save_file
+
+        from kgrec.data.schema import replace_directory
 
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +292,8 @@ class TrainedModel:
                 tensors[f"fusion.{name}"] = value.detach().cpu().numpy()
             if self.item_item is not None:
                 tensors["item_item"] = self.item_item.astype(np.float32)
-            save_file(tensors, str(tmp / "model.safetensors"))
+            # safetensors writes raw buffers: make every array C-contiguous (a transposed view would load transposed)
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "model.safetensors"))
             meta = {
                 "format_version": FORMAT_VERSION,
                 "config": self.config,
@@ -309,13 +311,7 @@ class TrainedModel:
                 "history": self.history,
             }
             (tmp / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
+            replace_directory(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -161,3 +161,13 @@ def test_gated_propagation_matches_dense_gradients() -> None:
     y2 = dense @ x
     (y2 * torch.arange(y2.numel(), dtype=torch.float64).view_as(y2)).sum().backward()
     assert torch.allclose(y, y2) and torch.allclose(gx, x.grad) and torch.allclose(gg, gates.grad)
+
+
+def test_save_load_keeps_non_contiguous_arrays(tmp_path, trained) -> None:
+    """safetensors writes raw buffers: a transposed (Fortran-ordered) matrix must still load equal."""
+    import dataclasses
+
+    m = dataclasses.replace(trained, item_item=np.asfortranarray(np.arange(trained.num_items**2, dtype=np.float32)
+                                                                 .reshape(trained.num_items, -1)), hybrid_weight=0.5)
+    again = TrainedModel.load(m.save(tmp_path / "m"))
+    assert np.array_equal(again.item_item, m.item_item)
