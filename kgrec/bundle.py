@@ -16,7 +16,6 @@ crash mid-save leaves the previous bundle usable. Nothing here is pickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -30,19 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kgrec import __version__
-from kgrec.data.schema import atomic_write_json, replace_directory
+from kgrec.data.schema import atomic_write_json, file_fingerprint, replace_directory
 from kgrec.errors import BundleError
 
 BUNDLE_FORMAT_VERSION = 1
 REQUIRED_COMPONENTS = ("idmaps",)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_bundle(
@@ -65,7 +56,7 @@ def write_bundle(
         extra = writer(tmp) or {}
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
         files = {
-            str(p.relative_to(tmp)): _sha256(p)
+            str(p.relative_to(tmp)): file_fingerprint(p)
             for p in sorted(tmp.rglob("*"))
             if p.is_file() and p.name != "manifest.json"
         }
@@ -119,7 +110,7 @@ def read_manifest(path: str | Path, *, verify: bool = True) -> BundleInfo:
     if missing:
         raise BundleError(f"bundle {root} is incomplete: missing {', '.join(sorted(missing)[:5])}")
     if verify:
-        bad = [name for name, digest in manifest.get("files", {}).items() if _sha256(root / name) != digest]
+        bad = [name for name, digest in manifest.get("files", {}).items() if file_fingerprint(root / name) != digest]
         if bad:
             raise BundleError(f"bundle {root} is damaged: {', '.join(sorted(bad)[:5])} changed since it was written")
     return BundleInfo(root, manifest)
