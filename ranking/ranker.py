@@ -84,23 +84,7 @@ class Ranker:
         if group.sum() != len(X):
             raise ValueError(f"group sizes sum to {group.sum()} but X has {len(X)} rows")
         cfg = self.config
-        model = lgb.LGBMRanker(
-            objective="lambdarank",
-            n_estimators=cfg.n_estimators,
-            learning_rate=cfg.learning_rate,
-            num_leaves=cfg.num_leaves,
-            min_child_samples=cfg.min_child_samples,
-            subsample=cfg.subsample,
-            subsample_freq=1 if cfg.subsample < 1.0 else 0,
-            colsample_bytree=cfg.colsample_bytree,
-            label_gain=self.label_gain,
-            lambdarank_truncation_level=cfg.lambdarank_truncation_level,
-            random_state=cfg.seed,
-            n_jobs=cfg.n_jobs,
-            deterministic=True,
-            force_row_wise=True,
-            verbose=-1,
-        )
+        model = lgb.LGBMRanker(**self.lgbm_params(), n_jobs=cfg.n_jobs)
         fit_kwargs: dict[str, Any] = {"group": group, "feature_name": list(self.feature_names)}
         callbacks = []
         if eval_X is not None:
@@ -127,6 +111,26 @@ class Ranker:
     def _check(self) -> None:
         if self.booster_ is None:
             raise ModelNotTrainedError("the ranker is not trained: call Ranker.fit(...) or Ranker.load(dir) first")
+
+    def lgbm_params(self) -> dict[str, Any]:
+        """LightGBM LambdaRank parameters from the config (shared by the local and the Dask ranker)."""
+        cfg = self.config
+        return dict(
+            objective="lambdarank",
+            n_estimators=cfg.n_estimators,
+            learning_rate=cfg.learning_rate,
+            num_leaves=cfg.num_leaves,
+            min_child_samples=cfg.min_child_samples,
+            subsample=cfg.subsample,
+            subsample_freq=1 if cfg.subsample < 1.0 else 0,
+            colsample_bytree=cfg.colsample_bytree,
+            label_gain=self.label_gain,
+            lambdarank_truncation_level=cfg.lambdarank_truncation_level,
+            random_state=cfg.seed,
+            deterministic=True,
+            force_row_wise=True,
+            verbose=-1,
+        )
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """(n,) float64 raw ranking scores for (n, F) features."""

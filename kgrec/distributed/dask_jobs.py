@@ -486,23 +486,7 @@ def train_ranker_dask(
     dX = da.from_array(X, chunks=(row_chunks, X.shape[1]))
     dy = da.from_array(y, chunks=(row_chunks,))
     dg = da.from_array(group, chunks=(group_chunks,))
-    model = lgb.DaskLGBMRanker(
-        client=client,
-        objective="lambdarank",
-        n_estimators=cfg.n_estimators,
-        learning_rate=cfg.learning_rate,
-        num_leaves=cfg.num_leaves,
-        min_child_samples=cfg.min_child_samples,
-        subsample=cfg.subsample,
-        subsample_freq=1 if cfg.subsample < 1.0 else 0,
-        colsample_bytree=cfg.colsample_bytree,
-        label_gain=ranker.label_gain,
-        lambdarank_truncation_level=cfg.lambdarank_truncation_level,
-        random_state=cfg.seed,
-        deterministic=True,
-        force_row_wise=True,
-        verbose=-1,
-    )
+    model = lgb.DaskLGBMRanker(client=client, **ranker.lgbm_params())
     model.fit(dX, dy, group=dg, feature_name=list(ranker.feature_names))
     ranker.booster_ = model.booster_
     ranker.best_iteration_ = ranker.booster_.current_iteration()
