@@ -9,8 +9,16 @@ logger = logging.getLogger(__name__)
 
 
 def text_encoder_from_config(cfg: Any, show_progress: bool = False):
-    """A :class:`~encoders.text.TextEncoder` from an ``EncodersConfig`` (``text_model``, ``text_max_length``...)."""
+    """A :class:`~encoders.text.TextEncoder` from an ``EncodersConfig`` (``text_model``, ``text_max_length``...).
+
+    ``text_model: "static:<DIR or base>"`` gives the static (Model2Vec-style) encoder of ``encoders.static``
+    instead, for big catalogs: a saved one from ``DIR``, or one distilled from ``base`` on the spot (~1 min).
+    """
+    from encoders.static import STATIC_PREFIX, static_encoder_from_name
     from encoders.text import TextEncoder
+
+    if cfg.text_model.startswith(STATIC_PREFIX):
+        return static_encoder_from_name(cfg.text_model)
 
     return TextEncoder(cfg.text_model, max_length=cfg.text_max_length, batch_size=cfg.text_batch_size,
                        device=cfg.device, show_progress=show_progress)
