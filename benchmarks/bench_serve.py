@@ -32,8 +32,32 @@ RESULTS = Path(__file__).parent / "results" / "serve.json"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_bundle(workdir: Path, n_items: int, n_users: int, epochs: int) -> Path:
-    """Demo catalog -> ingest -> ``Recommender.fit`` with the default (packaged) encoders -> bundle."""
+LARGE_CATALOG = 10_000  # from this many items up, the build takes the short-text route (see build_bundle)
+
+
+def build_bundle(workdir: Path, n_items: int, n_users: int, epochs: int, *, text_max_length: int = 32) -> Path:
+    """Synthetic catalog -> ingest -> ``Recommender.fit`` with the default (packaged) encoders -> bundle.
+
+    Reused when ``workdir/bundle`` exists. Small catalogs (< ``LARGE_CATALOG`` items) are built as the demo is: item
+    images, full item texts. Large ones are built to finish in minutes on 2 CPU cores, and ``workdir/build.json``
+    records exactly how:
+
+    - no item images (the CLIP image matrix is all zero rows; serving still encodes the query with the CLIP text
+      tower and scores the whole (items, 256) matrix, so the request path is the demo's);
+    - short item texts: the title is the category's leaf name (e.g. "Boots") and the description is empty, so an
+      item text is ``Boots. brand: Wren; category: Shoes > Boots; colour: white; material: rubber; ...`` (the
+      brand, category and attributes, which the knowledge graph is built from, are untouched); about a fifth of
+      the items have a distinct text; the text encoder keeps ``text_max_length`` tokens;
+    - the embedding cache is filled first with the *distinct* item texts only (the cache is keyed by content hash,
+      so ``Recommender.fit`` then reads every vector from it): the BERT vectors with the encoder's own ``encode``,
+      the CLIP text vectors with the CLIP text tower on token batches cut after their last non-pad token (the
+      tower masks pad tokens, so this equals ``ClipEncoder.encode_texts``; the largest difference on a sample is
+      recorded);
+    - ``epochs`` GNN epochs (EASE is skipped above ``fusion.max_ease_items`` anyway).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from kgrec.config import Config
     from kgrec.data.ingest import ingest
     from kgrec.data.synthetic import generate_catalog
@@ -42,13 +66,83 @@ def build_bundle(workdir: Path, n_items: int, n_users: int, epochs: int) -> Path
     bundle = workdir / "bundle"
     if (bundle / "manifest.json").is_file():
         return bundle
-    raw, ds = workdir / "raw", workdir / "dataset"
-    if not (ds / "manifest.json").is_file():
-        generate_catalog(raw, n_items=n_items, n_users=n_users, seed=0, images=True)
-        ingest(raw, ds)
-    cfg = Config.load(overrides={"fusion.epochs": epochs})
-    Recommender.fit(ds, cfg).save(bundle)
+    large = n_items >= LARGE_CATALOG
+    info: dict[str, Any] = {"items": n_items, "users": n_users, "epochs": epochs, "seed": 0, "large_route": large,
+                            "steps_s": {}}
+    t0 = time.perf_counter()
+    raw, ds_dir, cache = workdir / "raw", workdir / "dataset", workdir / "embedding_cache"
+    if not (ds_dir / "manifest.json").is_file():
+        summary = generate_catalog(raw, n_items=n_items, n_users=n_users, seed=0, images=not large,
+                                   fmt="parquet" if large else "text")
+        info["catalog"] = summary.counts
+        if large:  # short item texts: the title is the category's leaf, no description
+            items = pq.read_table(raw / "items.parquet")
+            leaf = [c.split(">")[-1].strip() for c in items.column("category").to_pylist()]
+            items = items.set_column(items.schema.get_field_index("title"), "title", pa.array(leaf, pa.string()))
+            items = items.set_column(items.schema.get_field_index("description"), "description",
+                                     pa.array([""] * items.num_rows, pa.string()))
+            pq.write_table(items, raw / "items.parquet")
+        ingest(raw, ds_dir)
+    info["steps_s"]["generate_ingest"] = round(time.perf_counter() - t0, 1)
+    overrides: dict[str, Any] = {"fusion.epochs": epochs, "encoders.cache_dir": str(cache)}
+    if large:
+        overrides["encoders.text_max_length"] = text_max_length
+    info["config_overrides"] = overrides
+    cfg = Config.load(overrides=overrides)
+    if large:
+        t1 = time.perf_counter()
+        info["prefill"] = prefill_text_cache(ds_dir, cfg, cache)
+        info["steps_s"]["encode_distinct_texts"] = round(time.perf_counter() - t1, 1)
+    t2 = time.perf_counter()
+    rec = Recommender.fit(ds_dir, cfg)
+    info["steps_s"]["fit"] = round(time.perf_counter() - t2, 1)
+    info["fit_timings_s"] = {k: round(v, 1) for k, v in rec.metrics.get("timings", {}).items()}
+    info["test_metrics"] = rec.metrics.get("test", {})
+    rec.save(bundle)
+    info["steps_s"]["total"] = round(time.perf_counter() - t0, 1)
+    info["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
+    (workdir / "build.json").write_text(json.dumps(info, indent=2, default=float) + "\n", encoding="utf-8")
     return bundle
+
+
+def prefill_text_cache(ds_dir: Path, cfg: Any, cache: Path, batch: int = 256) -> dict[str, Any]:
+    """Encode each distinct item text once (BERT and CLIP text) into the embedding cache ``fit`` reads."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from encoders.cache import EmbeddingCache, content_hash
+    from encoders.items import item_text
+    from kgrec.data.schema import Dataset
+    from kgrec.pipeline import build_encoders
+
+    ds = Dataset.open(ds_dir)
+    texts = sorted({item_text(r) for r in ds.table("items").to_pylist()}, key=len)  # similar lengths batch well
+    text_enc, clip_enc = build_encoders(cfg, ds)
+    keys = [content_hash(t) for t in texts]
+    out: dict[str, Any] = {"distinct_texts": len(texts), "items": ds.table("items").num_rows}
+
+    def clip_trimmed(batch_texts: list[str]) -> np.ndarray:
+        tokens = clip_enc.tokenizer(batch_texts)
+        pad = clip_enc.model.text.config.pad_token_id
+        width = int((tokens != pad).any(0).nonzero().max()) + 1
+        with torch.inference_mode():
+            return clip_enc.model.encode_text(tokens[:, :width], normalize=True).float().numpy()
+
+    sample = texts[:: max(1, len(texts) // 64)][:64]
+    out["clip_trimmed_max_abs_diff"] = float(np.abs(clip_trimmed(sample) - clip_enc.encode_texts(sample)).max())
+    for name, model_id, fn in (("text", text_enc.model_id, text_enc.encode),
+                               ("clip_text", clip_enc.model_id + ":text", clip_trimmed)):
+        c = EmbeddingCache(cache, model_id)
+        found, _ = c.get(keys)
+        todo = np.flatnonzero(~found)
+        t = time.perf_counter()
+        for s in tqdm(range(0, len(todo), batch * 8), desc=f"encode {name}", unit="chunk"):
+            rows = todo[s : s + batch * 8]
+            vecs = np.concatenate([fn([texts[i] for i in rows[b : b + batch]]) for b in range(0, len(rows), batch)])
+            c.put([keys[i] for i in rows], vecs)
+        out[f"{name}_seconds"] = round(time.perf_counter() - t, 1)
+        out[f"{name}_encoded"] = int(len(todo))
+    return out
 
 
 def start_server(bundle: Path, port: int, timeout_s: float = 600.0) -> subprocess.Popen:
@@ -125,6 +219,114 @@ async def _phase(base: str, make_request: Any, clients: int, duration: float, wa
     }
 
 
+def search_words(bundle: Path, n_items: int = 5000) -> list[str]:
+    """Alphabetic words of the first items' titles and attribute values (the vocabulary of search queries)."""
+    import pandas as pd
+
+    items = pd.read_parquet(bundle / "data" / "items.parquet", columns=["title", "attributes"]).head(n_items)
+    text = " ".join(items["title"].fillna("").astype(str))
+    for a in items["attributes"].dropna():
+        text += " " + " ".join(str(v) for v in (json.loads(a) if isinstance(a, str) else dict(a)).values())
+    return sorted({w for w in text.lower().split() if w.isalpha()})
+
+
+# Stages timed by ``profile_requests``: (module, class, method) -> stage name. Wrapping methods (not copying the
+# request code) keeps the breakdown valid for older and newer versions of the serving path.
+_STAGES: tuple[tuple[str, str, str, str], ...] = (
+    ("kgrec.pipeline", "Recommender", "_candidates", "candidates (score all items + top-C)"),
+    ("ranking.features", "FeatureBuilder", "__init__", "feature builder setup"),
+    ("ranking.features", "FeatureBuilder", "build", "features"),
+    ("ranking.ranker", "Ranker", "predict", "LightGBM predict"),
+    ("ranking.explain", "Explainer", "explain_rows", "explanations"),
+    ("kgrec.pipeline", "Recommender", "_result", "result records"),
+    ("kgrec.pipeline", "Recommender", "_query_text_vector", "query encoding (BERT)"),
+    ("encoders.text", "TextEncoder", "encode", "query encoding (BERT)"),
+    ("encoders.clip", "ClipEncoder", "encode_texts", "query encoding (CLIP text)"),
+    ("kgrec.pipeline", "Recommender", "_search_scores", "search scores (encode + matmul + z-score)"),
+)
+
+
+def profile_requests(bundle: Path, n: int = 40, seed: int = 0) -> dict[str, Any]:
+    """Mean milliseconds per request by stage, in-process (httpx over the ASGI app, one request at a time).
+
+    ``http_total`` is the whole request through the ASGI app (routing, validation, response model, JSON);
+    ``recommender_total`` the time inside ``Recommender.recommend`` / ``search``; stages are nested inside it
+    (``search scores`` includes the query encodings), so they do not add up to the total.
+    """
+    import importlib
+
+    import httpx
+    import torch
+
+    from kgrec.config import Config
+    from kgrec.pipeline import Recommender
+    from kgrec.serve.app import create_app
+
+    torch.set_num_threads(max(1, Config().serve.torch_threads))
+    acc: dict[str, float] = {}
+    depth: dict[str, int] = {}
+
+    def wrap(owner: Any, attr: str, stage: str) -> None:
+        fn = getattr(owner, attr)
+
+        def timed(*a: Any, **kw: Any) -> Any:
+            depth[stage] = depth.get(stage, 0) + 1
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                depth[stage] -= 1
+                if depth[stage] == 0:  # count nested calls of the same stage once
+                    acc[stage] = acc.get(stage, 0.0) + time.perf_counter() - t
+
+        setattr(owner, attr, timed)
+
+    for module, cls, attr, stage in _STAGES:
+        owner = getattr(importlib.import_module(module), cls, None)
+        if owner is not None and hasattr(owner, attr):
+            wrap(owner, attr, stage)
+    wrap(Recommender, "recommend", "recommender_total")
+    wrap(Recommender, "search", "recommender_total")
+
+    t0 = time.perf_counter()
+    rec = Recommender.load(bundle)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    app = create_app(rec, Config())
+    warm_s = time.perf_counter() - t0
+    rng = random.Random(seed)
+    users = rec.user_ids
+    words = search_words(bundle)
+    phases = {
+        "recommend": lambda: f"/recommend?user={rng.choice(users)}&k=10",
+        "recommend_explain": lambda: f"/recommend?user={rng.choice(users)}&k=10&explain=true",
+        "search": lambda: "/search?k=10&text=" + "+".join(rng.sample(words, min(3, len(words)))),
+    }
+    out: dict[str, Any] = {"requests_per_endpoint": n, "bundle_load_s": round(load_s, 1),
+                           "warmup_s": round(warm_s, 1), "endpoints": {}}
+
+    async def timed_requests(make: Any) -> float:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
+            for _ in range(3):
+                await client.get(make())
+            acc.clear()
+            t = time.perf_counter()
+            for _ in range(n):
+                r = await client.get(make())
+                if r.status_code != 200:
+                    raise RuntimeError(f"{name}: HTTP {r.status_code} {r.text[:300]}")
+            return (time.perf_counter() - t) / n * 1e3
+
+    for name, make in phases.items():
+        total = asyncio.run(timed_requests(make))
+        row = {"http_total": round(total, 2)}
+        row.update({k: round(v / n * 1e3, 2) for k, v in sorted(acc.items(), key=lambda kv: -kv[1])})
+        row["routing_validation_json"] = round(total - row.get("recommender_total", 0.0), 2)
+        out["endpoints"][name] = row
+        print(f"  profile {name}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    return out
+
+
 def screenshot(base: str, path: Path, search: str | None = None) -> None:
     """Open the page in headless Chromium, recommend for the most active user, pick a result whose explanation
     has KG paths, and save a PNG of the page."""
@@ -161,8 +363,7 @@ def run(bundle: Path, label: str, clients: int, duration: float, warmup: float, 
     import pandas as pd
 
     users = pd.read_parquet(bundle / "idmaps" / "users.parquet").iloc[:, 0].astype(str).tolist()
-    titles = pd.read_parquet(bundle / "data" / "items.parquet", columns=["title"])["title"].dropna().tolist()
-    words = sorted({w for t in titles[:5000] for w in str(t).lower().split() if w.isalpha()})
+    words = search_words(bundle)
     proc = start_server(bundle, port)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -201,11 +402,26 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=30.0, help="seconds measured per endpoint")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--build-only", action="store_true", help="build (or find) the bundle and stop")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="only time N requests per endpoint in-process, by stage (no load test)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--screenshot", type=Path, default=None, help="also save a PNG of the page (e.g. docs/web.png)")
     args = ap.parse_args()
 
     bundle = args.bundle or build_bundle(args.workdir, args.build_items, args.build_users, args.epochs)
+    if args.build_only:
+        print(f"bundle ready: {bundle}")
+        return
+    if args.profile:
+        prof = profile_requests(bundle, args.profile)
+        label = args.label or "profile"
+        data = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        prof["loadavg_1min"] = round(os.getloadavg()[0], 2)
+        prof["command"] = "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:])
+        data.setdefault("profiles", {})[label] = prof
+        _write_json(args.out, data)
+        return
     from tests.e2e.browser import free_port
 
     port = args.port or free_port()
@@ -221,11 +437,15 @@ def main() -> None:
     data["command"] = "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:])
     data["note"] = ("server: `kgrec serve` subprocess (uvicorn, 1 worker, recommender calls serialised by a lock); "
                     "clients: asyncio + httpx in the benchmark process on the same machine")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
+    _write_json(args.out, data)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    tmp.replace(path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -116,8 +116,10 @@ class ServeConfig(_Section):
     max_k: int = 100  # largest k a request may ask for
     max_upload_bytes: int = 10 * 1024 * 1024  # image search uploads
     max_query_chars: int = 1000  # longest text query accepted
-    torch_threads: int = 1  # intra-op threads for query encoding in `kgrec serve` (0 = torch's default); requests
-    # are served one at a time, and on 2 shared cores 1 thread encoded a query ~5x faster than 2 (measured)
+    torch_threads: int = 1  # intra-op threads (torch and numpy's BLAS) per `kgrec serve` process (0 = library
+    # defaults); requests are served one at a time, and on 2 shared cores 1 thread encoded a query ~5x faster than 2
+    workers: int = 1  # `kgrec serve` processes, each with the bundle loaded (one per core that serving may use)
+    max_batch: int = 32  # concurrent /recommend or /search requests answered as one batch (1 = no batching)
 
 
 class EnrichmentConfig(_Section):

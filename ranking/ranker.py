@@ -132,11 +132,14 @@ class Ranker:
             verbose=-1,
         )
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """(n,) float64 raw ranking scores for (n, F) features."""
+    def predict(self, X: np.ndarray, num_threads: int | None = None) -> np.ndarray:
+        """(n,) float64 raw ranking scores for (n, F) features. ``num_threads`` overrides the thread count (default:
+        1 below a few thousand rows, else ``config.n_jobs``); the scores do not depend on it. A service running one
+        process per core passes 1."""
         self._check()
         X = np.asarray(X, dtype=np.float32)
-        return self.booster_.predict(X, num_iteration=self.best_iteration_, num_threads=self._threads(len(X)))
+        threads = self._threads(len(X)) if num_threads is None else max(1, int(num_threads))
+        return self.booster_.predict(X, num_iteration=self.best_iteration_, num_threads=threads)
 
     def _threads(self, n_rows: int) -> int:
         # One request's few hundred rows: thread start-up and contention cost more than the trees (per-user latency).

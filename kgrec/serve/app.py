@@ -20,8 +20,12 @@ Errors are JSON ``{"detail": ...}``: unknown user/item -> 404, bad input -> 422 
 ``k`` above ``serve.max_k`` included), upload larger than ``serve.max_upload_bytes`` -> 413, upload that is not an
 image -> 415, anything unexpected -> 500 with a generic message (the stack trace goes to the server log only).
 
-Calls into the recommender are serialised by one lock: its lazy caches and the per-call search state
-(``Recommender._last_sources``) are not thread-safe, and on 2 cores a queue is as fast as contention.
+Every call into the recommender runs on one compute thread per process (``kgrec.serve.batching.MicroBatcher``):
+its lazy caches are not thread-safe, and one busy thread per core is what the hardware gives. Concurrent
+``/recommend`` (without a query) and text ``/search`` requests that queue up while that thread is busy are answered
+as one batch (``Recommender.recommend_batch`` / ``search_batch``); ``serve.max_batch`` bounds a batch, 1 turns
+batching off. Endpoints are ``async`` so that no request needs a thread of its own. For more than one core run
+several processes (``kgrec serve --workers N``, each loads the bundle: see :func:`app_from_env`).
 """
 from __future__ import annotations
 
@@ -29,11 +33,11 @@ import io
 import logging
 import math
 import mimetypes
-import threading
+import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,11 +49,14 @@ from pydantic import BaseModel, Field
 from kgrec import __version__
 from kgrec.config import Config, ServeConfig
 from kgrec.errors import DataError, KgrecError, UnknownIdError
+from kgrec.serve.batching import MicroBatcher
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
-T = TypeVar("T")
+# environment of `kgrec serve --workers N` worker processes (read by app_from_env)
+ENV_BUNDLE = "KGREC_SERVE_BUNDLE_PATH"
+ENV_CONFIG = "KGREC_SERVE_CONFIG_YAML"
 
 
 # ---------------------------------------------------------------------------------------------------- responses
@@ -177,6 +184,58 @@ def _check_image(data: bytes, filename: str | None) -> None:
                          "send a PNG, JPEG, GIF, BMP or WebP image") from exc
 
 
+class BodyLimit:
+    """ASGI middleware: refuse a POST whose Content-Length exceeds ``limit`` before its body is read (413).
+
+    A plain ASGI wrapper rather than ``@app.middleware("http")``: that one runs every request through an extra
+    task and stream, which costs about a millisecond per request on a loaded 2-core machine.
+    """
+
+    def __init__(self, app: Any, limit: int, upload_limit: int):
+        self.app, self.limit, self.upload_limit = app, limit, upload_limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                    response = JSONResponse(status_code=413, content={"detail": (
+                        f"request body of {value.decode()} bytes is larger than the upload limit of "
+                        f"{self.upload_limit} bytes (serve.max_upload_bytes); send a smaller image")})
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def _recommend_many(rec: Any, explain: bool) -> Callable[[Sequence[tuple[str, int]]], list[Any]]:
+    """Batch function for (user, k) requests: unknown users get their own 404, the rest one ``recommend_batch``."""
+
+    def run(items: Sequence[tuple[str, int]]) -> list[Any]:
+        out: list[Any] = [None] * len(items)
+        known = []
+        for r, (user, _) in enumerate(items):
+            if user in rec.user_pos:
+                known.append(r)
+            else:
+                try:
+                    rec._user_index(user)
+                except UnknownIdError as exc:
+                    out[r] = exc
+        if known:
+            batch = rec.recommend_batch([items[r][0] for r in known], [items[r][1] for r in known], explain=explain)
+            for r, recs in zip(known, batch):
+                out[r] = recs
+        return out
+
+    return run
+
+
+def _search_many(rec: Any) -> Callable[[Sequence[tuple[str, int]]], list[Any]]:
+    def run(items: Sequence[tuple[str, int]]) -> list[Any]:
+        return rec.search_batch([t for t, _ in items], [k for _, k in items])
+
+    return run
+
+
 # ---------------------------------------------------------------------------------------------------- factory
 def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, warmup: bool = True) -> FastAPI:
     """The FastAPI app serving ``recommender`` (a fitted or loaded :class:`~kgrec.pipeline.Recommender`).
@@ -189,12 +248,10 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
     """
     cfg = config.serve if isinstance(config, Config) else (config or ServeConfig())
     rec = recommender
-    lock = threading.Lock()
+    batcher = MicroBatcher(max_batch=cfg.max_batch)
     max_k, max_chars = cfg.max_k, cfg.max_query_chars
-
-    def locked(fn: Callable[[], T]) -> T:
-        with lock:
-            return fn()
+    batch_recommend = {False: _recommend_many(rec, False), True: _recommend_many(rec, True)}
+    batch_search = _search_many(rec)
 
     activity = rec.events["user_id"].value_counts() if len(rec.events) else pd.Series(dtype=int)
     known = set(rec.user_ids)
@@ -240,15 +297,9 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         logger.error("%s %s failed (ref %s)", request.method, request.url.path, ref, exc_info=exc)
         return _json_error(500, f"internal server error (ref {ref}); the server log has the details")
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Callable[[Request], Any]) -> Any:
-        """Refuse an oversized upload from its Content-Length before reading it (multipart overhead allowed)."""
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > cfg.max_upload_bytes + 64 * 1024:
-                return _json_error(413, f"request body of {length} bytes is larger than the upload limit of "
-                                        f"{cfg.max_upload_bytes} bytes (serve.max_upload_bytes); send a smaller image")
-        return await call_next(request)
+    # multipart overhead allowed on top of the image itself
+    app.add_middleware(BodyLimit, limit=cfg.max_upload_bytes + 64 * 1024, upload_limit=cfg.max_upload_bytes)
+    app.state.batcher = batcher
 
     # ------------------------------------------------------------------------------------------ endpoints
     K = Query(10, ge=1, le=max_k, description=f"number of results (1..{max_k}, serve.max_k)")
@@ -266,7 +317,7 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         return {"users": users_by_activity[:limit], "total": len(users_by_activity)}
 
     @app.get("/recommend", response_model=ResultList, responses=ERRORS, tags=["recommend"])
-    def recommend(
+    async def recommend(
         user: str = Query(..., description="user id; an unknown user needs a query", **ID),
         k: int = K,
         query: str | None = Query(None, max_length=max_chars, description="optional free-text intent"),
@@ -274,23 +325,26 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
     ) -> dict[str, Any]:
         """Top-k items for a user (GNN candidates re-ranked by LightGBM), optionally steered by a query."""
         t0 = time.perf_counter()
-        recs = locked(lambda: rec.recommend(user, k, query=query or None, explain=explain))
+        if query:
+            recs = await batcher.run(rec.recommend, user, k, query, explain)
+        else:
+            recs = await batcher.submit(("recommend", explain), batch_recommend[explain], (user, k))
         return {"results": _results(recs), "took_ms": (time.perf_counter() - t0) * 1e3}
 
     @app.get("/search", response_model=ResultList, responses=ERRORS, tags=["search"])
-    def search_text(
+    async def search_text(
         text: str = Query(..., min_length=1, max_length=max_chars, description="free-text query"),
         k: int = K,
     ) -> dict[str, Any]:
         """Cross-modal text search (BERT text space + CLIP text->image)."""
         t0 = time.perf_counter()
-        recs = locked(lambda: rec.search(text=text, k=k))
+        recs = await batcher.submit("search", batch_search, (text, k))
         return {"results": _results(recs), "took_ms": (time.perf_counter() - t0) * 1e3}
 
     @app.post("/search", response_model=ResultList, tags=["search"],
               responses={**ERRORS, 413: {"model": ErrorBody, "description": "upload too large"},
                          415: {"model": ErrorBody, "description": "upload is not an image"}})
-    def search_image(
+    async def search_image(
         image: UploadFile = File(..., description=f"query image (at most {cfg.max_upload_bytes} bytes)"),
         text: str | None = Form(None, max_length=max_chars, description="optional text combined with the image"),
         k: int = Form(10, ge=1, le=max_k, description=f"number of results (1..{max_k})"),
@@ -299,24 +353,24 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         t0 = time.perf_counter()
         data = _read_upload(image, cfg.max_upload_bytes)
         _check_image(data, image.filename)
-        recs = locked(lambda: rec.search(text=text or None, image=data, k=k))
+        recs = await batcher.run(lambda: rec.search(text=text or None, image=data, k=k))
         return {"results": _results(recs), "took_ms": (time.perf_counter() - t0) * 1e3}
 
     @app.get("/similar", response_model=ResultList, responses=ERRORS, tags=["recommend"])
-    def similar(item: str = Query(..., description="item id", **ID), k: int = K) -> dict[str, Any]:
+    async def similar(item: str = Query(..., description="item id", **ID), k: int = K) -> dict[str, Any]:
         """Items closest to ``item`` by the fused item vectors."""
         t0 = time.perf_counter()
-        recs = locked(lambda: rec.similar(item, k))
+        recs = await batcher.run(rec.similar, item, k)
         return {"results": _results(recs), "took_ms": (time.perf_counter() - t0) * 1e3}
 
     @app.get("/explain", responses=ERRORS, tags=["recommend"])
-    def explain(
+    async def explain(
         user: str = Query(..., description="user id", **ID),
         item: str = Query(..., description="item id", **ID),
         query: str | None = Query(None, max_length=max_chars),
     ) -> dict[str, Any]:
         """Why ``item`` suits ``user``: cited ranker features, KG paths, modality evidence, a sentence."""
-        e = locked(lambda: rec.explain(user, item, query=query or None))
+        e = await batcher.run(lambda: rec.explain(user, item, query=query or None))
         out = _finite(e.to_dict())
         out["image_url"] = _image_url(item, out.get("image"))
         return out
@@ -368,6 +422,37 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
     return app
 
 
+def app_from_env() -> FastAPI:
+    """App factory for ``kgrec serve --workers N`` (uvicorn ``factory=True``): each worker process loads the bundle
+    named by ``KGREC_SERVE_BUNDLE_PATH`` with the resolved config in ``KGREC_SERVE_CONFIG_YAML``."""
+    import yaml
+
+    from kgrec.pipeline import Recommender
+
+    bundle = os.environ.get(ENV_BUNDLE)
+    if not bundle:
+        raise KgrecError(f"{ENV_BUNDLE} is not set; start workers with `kgrec serve --bundle B --workers N`")
+    cfg = Config.model_validate(yaml.safe_load(os.environ.get(ENV_CONFIG) or "{}") or {})
+    limit_threads(cfg.serve.torch_threads)
+    rec = Recommender.load(bundle)
+    logger.info("worker %d serving %r", os.getpid(), rec)
+    return create_app(rec, cfg)
+
+
+def limit_threads(n: int) -> None:
+    """At most ``n`` intra-op threads for torch and for numpy's BLAS (0 = leave the libraries' defaults).
+
+    A service process answers one call at a time; on a small machine running several processes, extra threads per
+    call only contend with the other processes (and with the clients)."""
+    if n <= 0:
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(n)
+    threadpool_limits(n)
+
+
 def _warm(rec: Any) -> None:
     """Build the lazy caches once (ranking context, explainer, encoders) so requests do not pay for them."""
     t0 = time.perf_counter()
@@ -378,6 +463,9 @@ def _warm(rec: Any) -> None:
             if recs and rec.ranker is not None:
                 rec.explain(user, recs[0].item_id)
         rec.search(text="warm up", k=1)
+        rec.search_batch(["warm up", "warm up batch"], k=1)  # the batched products
+        if len(rec.user_ids) > 1 and rec.ranker is not None:
+            rec.recommend_batch(rec.user_ids[:2], 1)
     except KgrecError as exc:  # a bundle that cannot do everything still serves what it can
         logger.warning("warm-up incomplete: %s", exc)
     logger.info("service warmed up in %.1f s", time.perf_counter() - t0)

@@ -1,0 +1,199 @@
+"""Serving speed-ups must not change answers: batched calls equal single calls, the partial top-k equals a full
+stable sort, cached result fields equal catalog lookups, concurrent HTTP requests are batched and answered like
+single ones, and ``kgrec serve --workers N`` runs N processes that answer."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kgrec.config import ServeConfig
+from kgrec.pipeline import top_k_stable
+from tests.kgrec.conftest_serve import SERVE, serve_app, serve_recommender  # noqa: F401  (fixtures)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _same(a, b, tol=1e-5) -> None:
+    """Two result lists name the same items in the same order with the same scores (to ``tol``)."""
+    assert [r.item_id for r in a] == [r.item_id for r in b]
+    assert [r.rank for r in a] == [r.rank for r in b]
+    np.testing.assert_allclose([r.score for r in a], [r.score for r in b], rtol=tol, atol=tol)
+    assert [(r.title, r.image) for r in a] == [(r.title, r.image) for r in b]
+
+
+# ---------------------------------------------------------------------------------------------------- top-k
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 0.5, 1.0, 2.0, np.inf]) | st.floats(-3, 3),
+                    min_size=0, max_size=60),
+    k=st.integers(0, 70),
+)
+def test_top_k_stable_equals_a_full_stable_argsort(values, k):
+    scores = np.array(values, dtype=np.float64)
+    expected = np.argsort(-scores, kind="stable")[:k]
+    np.testing.assert_array_equal(top_k_stable(scores, k), expected)
+
+
+def test_top_k_stable_with_nan_and_many_ties_at_the_threshold():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=5000).astype(np.float32)  # thousands of ties
+    scores[rng.integers(0, 5000, size=50)] = np.nan
+    for k in (1, 10, 1300, 4999):
+        np.testing.assert_array_equal(top_k_stable(scores, k), np.argsort(-scores, kind="stable")[:k])
+    scores = np.nan_to_num(scores, nan=-np.inf)
+    for k in (1, 10, 1300, 4999):
+        np.testing.assert_array_equal(top_k_stable(scores, k), np.argsort(-scores, kind="stable")[:k])
+
+
+# ---------------------------------------------------------------------------------------------------- library
+def test_result_titles_and_images_equal_catalog_lookups(serve_recommender):
+    rec = serve_recommender
+    for i in range(0, len(rec.item_ids), 7):
+        row = rec.items.loc[rec.item_ids[i]]
+        r = rec._result(i, 1.0, 1)
+        assert r.title == ("" if pd.isna(row.get("title")) else str(row.get("title")))
+        assert r.image == (None if pd.isna(row.get("image")) else str(row.get("image")))
+
+
+def test_recommend_batch_equals_recommend_one_by_one(serve_recommender):
+    rec = serve_recommender
+    users = list(rec.user_ids[:9]) + [rec.user_ids[0]]  # a repeated user too
+    ks = [1, 5, 10, 3, 10, 7, 10, 2, 10, 4]
+    batch = rec.recommend_batch(users, ks)
+    assert len(batch) == len(users)
+    for u, k, got in zip(users, ks, batch):
+        assert len(got) == k
+        _same(got, rec.recommend(u, k))
+
+
+def test_recommend_batch_with_explanations_equals_recommend(serve_recommender):
+    rec = serve_recommender
+    users = list(rec.user_ids[10:14])
+    for u, got in zip(users, rec.recommend_batch(users, 5, explain=True)):
+        want = rec.recommend(u, 5, explain=True)
+        _same(got, want)
+        for g, w in zip(got, want):
+            assert g.explanation["sentence"] == w.explanation["sentence"]
+            assert [p["text"] for p in g.explanation["paths"]] == [p["text"] for p in w.explanation["paths"]]
+
+
+def test_search_batch_equals_search_one_by_one(serve_recommender):
+    rec = serve_recommender
+    texts = ["red cotton shirt", "wooden desk", "red cotton shirt", "blue ceramic cup", "boots"]
+    ks = [5, 10, 3, 10, 1]
+    for t, k, got in zip(texts, ks, rec.search_batch(texts, ks)):
+        want = rec.search(text=t, k=k)
+        _same(got, want)
+        for g, w in zip(got, want):
+            assert g.sources.keys() == w.sources.keys()
+            np.testing.assert_allclose(list(g.sources.values()), list(w.sources.values()), rtol=1e-5, atol=1e-5)
+
+
+def test_query_vectors_are_cached_and_read_only(serve_recommender):
+    rec = serve_recommender
+    a = rec._query_vectors("text", ["a query never seen before"])[0]
+    b = rec._query_vectors("text", ["a query never seen before"])[0]
+    assert a is b and not a.flags.writeable
+    np.testing.assert_array_equal(a, rec.text_encoder.encode(["a query never seen before"])[0])
+
+
+# ---------------------------------------------------------------------------------------------------- HTTP
+def _concurrent_get(app, urls: list[str]) -> list[httpx.Response]:
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await asyncio.gather(*(client.get(u) for u in urls))
+
+    return asyncio.run(run())
+
+
+def test_concurrent_requests_are_batched_and_answered_like_single_requests(serve_recommender):
+    from kgrec.serve.app import create_app
+
+    rec = serve_recommender
+    app = create_app(rec, SERVE, warmup=False)
+    users = list(rec.user_ids[:12])
+    urls = [f"/recommend?user={u}&k=5" for u in users] + ["/recommend?user=NOBODY&k=5"]
+    urls += [f"/search?text={t}&k=4" for t in ("red shirt", "desk lamp", "cup")]
+    responses = _concurrent_get(app, urls)
+    assert [r.status_code for r in responses] == [200] * 12 + [404] + [200] * 3
+    assert "NOBODY" in responses[12].json()["detail"]
+    for u, r in zip(users, responses[:12]):
+        got = r.json()["results"]
+        want = rec.recommend(u, 5)
+        assert [x["item_id"] for x in got] == [w.item_id for w in want]
+        np.testing.assert_allclose([x["score"] for x in got], [w.score for w in want], rtol=1e-5, atol=1e-5)
+    for t, r in zip(("red shirt", "desk lamp", "cup"), responses[13:]):
+        assert [x["item_id"] for x in r.json()["results"]] == [w.item_id for w in rec.search(text=t, k=4)]
+    batcher = app.state.batcher
+    assert batcher.items == 16  # the 404 is answered inside its batch too
+    assert batcher.batches < 16  # requests that queued together were answered together
+
+
+def test_max_batch_one_answers_each_request_alone(serve_recommender):
+    from kgrec.serve.app import create_app
+
+    app = create_app(serve_recommender, SERVE.model_copy(update={"max_batch": 1}), warmup=False)
+    users = list(serve_recommender.user_ids[:6])
+    responses = _concurrent_get(app, [f"/recommend?user={u}&k=3" for u in users])
+    assert all(r.status_code == 200 for r in responses)
+    assert app.state.batcher.batches == 6
+
+
+def test_serve_config_rejects_zero_batch():
+    from kgrec.serve.batching import MicroBatcher
+
+    with pytest.raises(ValueError, match="max_batch"):
+        MicroBatcher(0)
+    assert ServeConfig().workers == 1 and ServeConfig().max_batch == 32
+
+
+@pytest.mark.slow
+def test_kgrec_serve_workers_runs_that_many_processes(serve_recommender, tmp_path):
+    """`kgrec serve --workers 2`: two worker processes, each with the bundle loaded, answering requests."""
+    from tests.e2e.browser import free_port
+
+    bundle = serve_recommender.save(tmp_path / "bundle")
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kgrec.cli", "serve", "--bundle", str(bundle), "--port", str(port), "--workers", "2",
+         "--log-level", "warning"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                       if "spawn_main" in " ".join(p.cmdline())]
+            try:
+                if len(workers) == 2 and all(httpx.get(base + "/health", timeout=2).status_code == 200
+                                             for _ in range(4)):
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "kgrec serve --workers 2 did not come up in 240 s"
+            time.sleep(0.5)
+        user = serve_recommender.user_ids[0]
+        r = httpx.get(base + f"/recommend?user={user}&k=5", timeout=30)
+        assert r.status_code == 200
+        assert [x["item_id"] for x in r.json()["results"]] == [w.item_id for w in serve_recommender.recommend(user, 5)]
+        assert len(workers) == 2 and len({w.pid for w in workers}) == 2
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
