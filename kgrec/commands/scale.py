@@ -20,6 +20,35 @@ def register(app: typer.Typer) -> None:
     app.command("encode-dask")(encode_dask_command)
     app.command("validate-events")(validate_events_command)
     app.command("train-ddp")(train_ddp_command)
+    app.command("distill-static")(distill_static_command)
+
+
+@clean_errors
+def distill_static_command(
+    out: Path = typer.Argument(..., help="Directory to write the static encoder to."),
+    base: str = typer.Option("packaged:all-MiniLM-L6-v2", "--base", help="Text model to distil from."),
+    dataset: Path | None = typer.Option(None, "--dataset", help="Dataset whose item texts give the token weights."),
+    vocabulary: str = typer.Option("all", "--vocabulary", help="all (every token) | corpus (tokens of --dataset)."),
+    pca_dims: int = typer.Option(256, "--pca-dims", min=0, help="PCA dimensions (0: keep the model's width)."),
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Distil a static (Model2Vec-style) text encoder for big catalogs; use it with
+    `encoders.text_model: static:OUT` (thousands of items/s on CPU instead of tens)."""
+    from encoders.static import StaticTextEncoder
+
+    load_config(config)
+    corpus = None
+    if dataset is not None:
+        from encoders.items import item_text
+        from kgrec.data.schema import Dataset
+
+        corpus = [item_text(r) for r in Dataset.open(dataset).items.to_dict("records")]
+    t = time.perf_counter()
+    enc = StaticTextEncoder.distill(base, corpus=corpus, vocabulary=vocabulary, pca_dims=pca_dims or None,
+                                    show_progress=True)
+    enc.save(out)
+    typer.echo(f"distilled {enc.info['tokens']:,} tokens from {base} into {enc.dim}-d rows in "
+               f"{time.perf_counter() - t:.1f} s -> {out}; set encoders.text_model: static:{out}")
 
 
 @clean_errors

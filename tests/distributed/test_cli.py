@@ -50,3 +50,23 @@ def test_train_ddp_prints_the_torchrun_line(tmp_path: Path) -> None:
     res = runner.invoke(app, ["train-ddp", str(tmp_path / "ds"), "--out", str(tmp_path / "m"), "--nproc-per-node", "4"])
     assert res.exit_code == 0, res.output
     assert "torch.distributed.run --nproc-per-node 4 -m kgrec.distributed.ddp --dataset" in res.output
+
+
+def test_distill_static_then_config_selects_it(demo_dataset, tmp_path: Path) -> None:
+    """`kgrec distill-static` on the catalog's tokens writes an encoder that `encoders.text_model: static:DIR` loads."""
+    from encoders.factory import text_encoder_from_config
+    from encoders.items import item_text
+    from encoders.static import StaticTextEncoder
+    from kgrec.config import EncodersConfig
+
+    out = tmp_path / "static"
+    res = runner.invoke(app, ["distill-static", str(out), "--dataset", str(demo_dataset.root),
+                              "--vocabulary", "corpus", "--pca-dims", "32"])
+    assert res.exit_code == 0, res.output
+    assert f"static:{out}" in res.output
+    enc = text_encoder_from_config(EncodersConfig(text_model=f"static:{out}"))
+    assert isinstance(enc, StaticTextEncoder) and enc.dim == 32 and enc.info["vocabulary"] == "corpus"
+    texts = [item_text(r) for r in demo_dataset.items.head(50).to_dict("records")]
+    v = enc.encode(texts)
+    assert v.shape == (50, 32)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
