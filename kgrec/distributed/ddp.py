@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fusion.train import EpochRecord, TrainedModel, _loss, _rows_only, seed_everything
+from fusion.train import EpochRecord, TrainedModel, _loss, _rows_only, adam, seed_everything
 from kgrec.config import FusionConfig
 from kgrec.errors import ConfigError, DataError
 
@@ -129,7 +129,7 @@ def fit_embeddings_ddp(
     n = len(tu)
     if n == 0:
         raise DataError("no training interactions to learn from")
-    opt = torch.optim.Adam(ddp.parameters(), lr=cfg.lr)
+    opt = adam(ddp.parameters(), cfg.lr, device)
     train_csr = to_csr(tu.numpy(), ti.numpy(), (num_users, num_items))
     eval_users = None
     if valid is not None and valid.nnz:
