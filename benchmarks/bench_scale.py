@@ -211,9 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=8192)
     p.add_argument("--pairs-per-epoch", type=int, default=1_000_000)
     p.add_argument("--negatives", type=int, default=1024)
-    p.add_argument("--hidden", type=int, default=0, help="tower MLP hidden size (0: linear towers)")
+    p.add_argument("--hidden", type=int, default=128, help="tower MLP hidden size (0: linear towers)")
+    p.add_argument("--patience", type=int, default=3, help="epochs without a better valid NDCG@20 before stopping")
     p.add_argument("--lr", type=float, default=0.002)
-    p.add_argument("--train-budget-s", type=float, default=720.0)
+    p.add_argument("--train-budget-s", type=float, default=900.0)
     p.add_argument("--eval-users", type=int, default=2000, help="validation users sampled for per-epoch NDCG")
     p.add_argument("--final-eval-users", type=int, default=4000, help="users sampled for the final valid/test table")
     p.add_argument("--no-text", action="store_true", help="train without the text vectors (KG + interactions)")
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also train the full-propagation GNN (fusion.train) this many epochs for comparison")
     p.add_argument("--reuse", action="store_true", help="reuse generated + ingested data in --workdir")
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--rank-users", type=int, default=3000)
+    p.add_argument("--rank-users", type=int, default=10_000)
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--requests", type=int, default=100)
     p.add_argument("--out", type=Path, default=RESULTS, help="results JSON path")
@@ -387,7 +388,8 @@ def main(argv: list[str] | None = None) -> dict:
         feats = propagate_features(U, I, tu, ti, content=text, graph=None if args.no_kg else state["hetero"])
         cfg = ScaleTrainConfig(dim=args.dim, hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size,
                                lr=args.lr, pairs_per_epoch=args.pairs_per_epoch, num_negatives=args.negatives,
-                               max_eval_users=args.eval_users, time_budget_s=args.train_budget_s)
+                               max_eval_users=args.eval_users, time_budget_s=args.train_budget_s,
+                               patience=args.patience)
         model = train_scale_model(U, I, tu, ti, features=feats, valid=(va["u"].to_numpy(), va["i"].to_numpy()),
                                   config=cfg)
         state["model"] = model

@@ -44,17 +44,19 @@ ITEM_KG_TYPES = ("brand", "category", "attribute", "entity")
 
 @dataclass
 class ScaleTrainConfig:
-    """Settings of :func:`train_scale_model` (defaults: measured at 100k items, ``benchmarks/bench_scale.py``)."""
+    """Settings of :func:`train_scale_model`. Defaults as measured at 100k items / 1M events (docs/scale.md): an
+    MLP tower (hidden 128) peaked at valid NDCG@20 0.0031 vs 0.0028-0.0030 for linear towers, text-only or KG-only
+    (5,000 validation users; differences near the sampling noise)."""
 
     dim: int = 64
-    hidden: int = 256  # 0: linear towers
+    hidden: int = 128  # 0: linear towers
     use_id: bool = False  # add per-user/item ID embeddings (sparse Adam); content + graph features alone by default
     epochs: int = 20
     batch_size: int = 4096
     lr: float = 0.002
     num_negatives: int = 2048
     temperature: float = 0.1
-    patience: int = 2
+    patience: int = 3
     max_eval_users: int = 2000
     max_kg_nodes: int = 4096  # KG profile width cap (most frequent item-adjacent nodes kept)
     pairs_per_epoch: int | None = None  # sample this many training pairs per epoch (None: all of them)
