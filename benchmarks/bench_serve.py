@@ -145,13 +145,16 @@ def prefill_text_cache(ds_dir: Path, cfg: Any, cache: Path, batch: int = 256) ->
     return out
 
 
-def start_server(bundle: Path, port: int, timeout_s: float = 600.0) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, timeout_s: float = 900.0, workers: int = 1,
+                 max_batch: int | None = None) -> subprocess.Popen:
     import httpx
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if max_batch is not None:
+        env["KGREC_SERVE__MAX_BATCH"] = str(max_batch)
     proc = subprocess.Popen(
         [sys.executable, "-m", "kgrec.cli", "serve", "--bundle", str(bundle), "--port", str(port),
-         "--log-level", "warning"],
+         "--log-level", "warning"] + (["--workers", str(workers)] if workers > 1 else []),
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + timeout_s
@@ -216,6 +219,52 @@ async def _phase(base: str, make_request: Any, clients: int, duration: float, wa
         "p90_ms": float(np.percentile(a, 90)) if len(a) else None,
         "p99_ms": float(np.percentile(a, 99)) if len(a) else None,
         "max_ms": float(a.max()) if len(a) else None,
+    }
+
+
+WRK_SCRIPT = """
+paths = {%s}
+math.randomseed(%d)
+request = function()
+  return wrk.format("GET", paths[math.random(#paths)])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests": %%d, "duration_us": %%d, "connect": %%d, "read": %%d, "write": %%d, "status": %%d, ' ..
+    '"timeout": %%d, "p50_us": %%d, "p90_us": %%d, "p99_us": %%d, "max_us": %%d}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def _wrk_phase(base: str, paths: list[str], clients: int, duration: float, warmup: float, seed: int) -> dict[str, Any]:
+    """One phase with ``wrk`` (C, one thread, event loop): a load generator that needs little CPU of its own."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT % (", ".join(json.dumps(p) for p in paths), seed))
+        script = f.name
+    try:
+        def wrk(seconds: float) -> dict[str, Any]:
+            out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "60s",
+                                  "-s", script, base], capture_output=True, text=True, check=True).stdout
+            line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
+            return json.loads(line[len("WRK_JSON "):])
+
+        if warmup > 0:
+            wrk(warmup)
+        w = wrk(duration)
+    finally:
+        os.unlink(script)
+    errors = {k: w[k] for k in ("connect", "read", "write", "status", "timeout") if w[k]}
+    secs = w["duration_us"] / 1e6
+    return {
+        "requests": w["requests"], "errors": sum(errors.values()), "error_kinds": errors, "duration_s": round(secs, 2),
+        "clients": clients, "throughput_rps": w["requests"] / secs,
+        "p50_ms": w["p50_us"] / 1e3, "p90_ms": w["p90_us"] / 1e3, "p99_ms": w["p99_us"] / 1e3,
+        "max_ms": w["max_us"] / 1e3,
     }
 
 
@@ -358,13 +407,14 @@ def screenshot(base: str, path: Path, search: str | None = None) -> None:
 
 
 def run(bundle: Path, label: str, clients: int, duration: float, warmup: float, port: int,
-        shot: Path | None = None) -> dict[str, Any]:
+        shot: Path | None = None, *, generator: str = "httpx", workers: int = 1, max_batch: int | None = None,
+        endpoints: tuple[str, ...] = ("recommend", "recommend_explain", "search")) -> dict[str, Any]:
     import httpx
     import pandas as pd
 
     users = pd.read_parquet(bundle / "idmaps" / "users.parquet").iloc[:, 0].astype(str).tolist()
     words = search_words(bundle)
-    proc = start_server(bundle, port)
+    proc = start_server(bundle, port, workers=workers, max_batch=max_batch)
     try:
         base = f"http://127.0.0.1:{port}"
         health = httpx.get(base + "/health").json()
@@ -376,10 +426,16 @@ def run(bundle: Path, label: str, clients: int, duration: float, warmup: float, 
             "search": lambda rng: "/search?k=10&text=" + "+".join(rng.sample(words, min(3, len(words)))),
         }
         out: dict[str, Any] = {"bundle": str(bundle), "items": health["items"], "users": health["users"],
-                               "store": health["store"], "endpoints": {}}
-        for name, make in phases.items():
+                               "store": health["store"], "load_generator": generator, "server_workers": workers,
+                               "max_batch": max_batch, "endpoints": {}}
+        for name in endpoints:
+            make = phases[name]
             load_before = os.getloadavg()[0]
-            res = asyncio.run(_phase(base, make, clients, duration, warmup))
+            if generator == "wrk":
+                rng = random.Random(0)
+                res = _wrk_phase(base, [make(rng) for _ in range(4000)], clients, duration, warmup, seed=0)
+            else:
+                res = asyncio.run(_phase(base, make, clients, duration, warmup))
             # other work on the machine shares the CPUs: record how busy it was (1-min load average)
             res["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
             out["endpoints"][name] = res
@@ -403,6 +459,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--build-only", action="store_true", help="build (or find) the bundle and stop")
+    ap.add_argument("--generator", choices=("httpx", "wrk"), default="httpx",
+                    help="load generator: asyncio+httpx in this process, or `wrk` (apt-get install wrk), a separate "
+                         "C process that needs little CPU")
+    ap.add_argument("--workers", type=int, default=1, help="kgrec serve --workers")
+    ap.add_argument("--max-batch", type=int, default=None, help="serve.max_batch (default: the config's)")
+    ap.add_argument("--endpoints", default="recommend,recommend_explain,search")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only time N requests per endpoint in-process, by stage (no load test)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -425,7 +487,15 @@ def main() -> None:
     from tests.e2e.browser import free_port
 
     port = args.port or free_port()
-    res = run(bundle, args.label or "bundle", args.clients, args.duration, args.warmup, port, args.screenshot)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    res = run(bundle, args.label or "bundle", args.clients, args.duration, args.warmup, port, args.screenshot,
+              generator=args.generator, workers=args.workers, max_batch=args.max_batch,
+              endpoints=tuple(args.endpoints.split(",")))
+    res["loadavg_before_after"] = [load_before, [round(x, 2) for x in os.getloadavg()]]
+    res["command"] = "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:])
+    build_info = bundle.parent / "build.json"
+    if build_info.is_file():
+        res["bundle_build"] = json.loads(build_info.read_text())
     label = args.label or f"{res['items']} items"
     print(f"\n| bundle | endpoint | clients | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|")
     for name, r in res["endpoints"].items():
@@ -435,8 +505,9 @@ def main() -> None:
     data.setdefault("runs", {})[label] = res
     data["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
     data["command"] = "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:])
-    data["note"] = ("server: `kgrec serve` subprocess (uvicorn, 1 worker, recommender calls serialised by a lock); "
-                    "clients: asyncio + httpx in the benchmark process on the same machine")
+    data["note"] = ("server: `kgrec serve` subprocess (uvicorn; each run records server_workers, max_batch and load_generator); "
+                    "load_generator httpx = asyncio + httpx clients in the benchmark process, sharing the CPUs with the server; "
+                    "wrk = the C load generator wrk (1 thread) in its own process, also on the same machine")
     _write_json(args.out, data)
 
 

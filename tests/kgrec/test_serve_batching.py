@@ -197,3 +197,24 @@ def test_kgrec_serve_workers_runs_that_many_processes(serve_recommender, tmp_pat
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_clip_queries_without_padding_equal_encode_texts():
+    """The default CLIP (MiniLM text tower, packaged weights): cutting the padding leaves the vectors unchanged."""
+    from encoders.clip import ClipEncoder
+    from kgrec.pipeline import encode_clip_queries
+
+    clip = ClipEncoder("kgrec-effnetlite0-minilm", device="cpu", batch_size=8, seed=0)
+    texts = ["boots", "red cotton shirt", "a blue ceramic coffee cup with a handle, dishwasher safe", "boots"]
+    got = encode_clip_queries(clip, texts)
+    want = clip.encode_texts(texts)
+    assert got.shape == want.shape == (4, clip.dim)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_clip_queries_fall_back_to_encode_texts_for_other_towers(serve_recommender):
+    from kgrec.pipeline import encode_clip_queries
+
+    clip = serve_recommender.clip_encoder  # tiny open_clip model, not a Hugging Face text tower
+    np.testing.assert_array_equal(encode_clip_queries(clip, ["red shirt"]), clip.encode_texts(["red shirt"]))
