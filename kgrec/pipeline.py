@@ -172,19 +172,40 @@ def top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if k >= n or np.isnan(neg).any():
         return np.argsort(neg, kind="stable")[:k]
-    threshold = neg[np.argpartition(neg, k - 1)[:k]].max()
+    if neg.dtype in (np.float32, np.float64):  # torch's top-k finds the k-th value ~5x faster than argpartition
+        import torch
+
+        threshold = -float(torch.topk(torch.as_tensor(np.ascontiguousarray(scores)), k).values[-1])
+    else:
+        threshold = neg[np.argpartition(neg, k - 1)[:k]].max()
     top = np.flatnonzero(neg <= threshold)  # every tie at the threshold, in index order
     return top[np.argsort(neg[top], kind="stable")[:k]]
 
 
 def _zscore_rows(x: np.ndarray) -> np.ndarray:
-    """Row-wise :func:`_zscore` of a (n, I) array (float64; the same reductions per row as for one vector)."""
-    x = np.asarray(x, dtype=np.float64)
-    sd = x.std(axis=1)
-    out = x - x.mean(axis=1, keepdims=True)
+    """Row-wise :func:`_zscore` of a (n, I) array, as float64, bit-equal to ``_zscore`` of each row.
+
+    The same reductions as ``np.std`` / ``np.mean`` per row (tested), with the centred rows computed once and the
+    arithmetic in place: at 100,000 items a row is 0.8 MB, and fresh temporaries cost more than the arithmetic.
+    """
+    out = np.array(x, dtype=np.float64)  # own copy, worked on in place
+    n = out.shape[1]
+    out -= np.add.reduce(out, axis=1, keepdims=True) / n  # x - mean (np.mean = sum / n)
+    sq = np.multiply(out, out)
+    sd = np.sqrt(np.add.reduce(sq, axis=1) / n)  # np.std: sqrt(sum((x - mean)^2) / n)
+    del sq
     scale = sd > 1e-12
-    out[scale] /= sd[scale, None]
+    np.divide(out, sd[:, None], out=out, where=scale[:, None])
     return out
+
+
+def _mean_parts(parts: list[np.ndarray]) -> np.ndarray:
+    """``np.mean(parts, axis=0)`` (the same additions in the same order) without stacking the parts."""
+    acc = np.array(parts[0], dtype=np.float64)
+    for p in parts[1:]:
+        acc += p
+    acc /= len(parts)
+    return acc
 
 
 class _quiet_all_nan:
@@ -733,7 +754,7 @@ class Recommender:
             parts.append(_zscore(s))
         if not parts:
             raise DataError("search needs text or an image")
-        return np.mean(parts, axis=0), sources
+        return _mean_parts(parts), sources
 
     def _text_search_sources(self) -> tuple[bool, bool]:
         """(BERT text space usable, CLIP text->image usable) for text queries."""
@@ -760,13 +781,21 @@ class Recommender:
             s = np.stack(self._query_vectors("clip", texts)) @ vec["image"].T
             if "no_image" not in vec:
                 vec["no_image"] = np.flatnonzero(~vec["has_image"])
+                vec["image_idx"] = np.flatnonzero(vec["has_image"])
             s[:, vec["no_image"]] = np.nan
             sources["clip_image"] = s
-            finite = np.isfinite(s).any(axis=1)
-            with np.errstate(all="ignore"), _quiet_all_nan():
-                floor = np.where(finite, np.nanmin(s, axis=1), 0.0).astype(s.dtype)
-            filled = np.where(np.isnan(s), floor[:, None], s)
-            parts.append(np.nan_to_num(_zscore_rows(np.nan_to_num(filled, copy=False)), nan=0.0, copy=False))
+            with_image = s[:, vec["image_idx"]]
+            if np.isfinite(with_image).all():  # the usual case: NaN exactly where there is no image
+                floor = (with_image.min(axis=1) if with_image.shape[1] else np.zeros(len(s))).astype(s.dtype)
+                filled = s.copy()
+                filled[:, vec["no_image"]] = floor[:, None]
+                parts.append(_zscore_rows(filled))  # finite in, finite out: nan_to_num has nothing to do
+            else:
+                finite = np.isfinite(s).any(axis=1)
+                with np.errstate(all="ignore"), _quiet_all_nan():
+                    floor = np.where(finite, np.nanmin(s, axis=1), 0.0).astype(s.dtype)
+                filled = np.where(np.isnan(s), floor[:, None], s)
+                parts.append(np.nan_to_num(_zscore_rows(np.nan_to_num(filled, copy=False)), nan=0.0, copy=False))
         if not parts:
             raise DataError("search needs text or an image")
         return parts, sources
@@ -802,7 +831,7 @@ class Recommender:
         if not texts:
             return []
         parts, sources = self._text_query_parts(texts)
-        scores = np.mean(parts, axis=0)
+        scores = _mean_parts(parts)
         return [self._found(scores[j], {n: v[j] for n, v in sources.items()}, kk) for j, kk in enumerate(ks)]
 
     # ------------------------------------------------------------------------------------------------ enrich

@@ -218,3 +218,40 @@ def test_clip_queries_fall_back_to_encode_texts_for_other_towers(serve_recommend
 
     clip = serve_recommender.clip_encoder  # tiny open_clip model, not a Hugging Face text tower
     np.testing.assert_array_equal(encode_clip_queries(clip, ["red shirt"]), clip.encode_texts(["red shirt"]))
+
+
+def test_row_wise_z_scores_and_part_means_are_bit_equal_to_the_one_query_code():
+    from kgrec.pipeline import _mean_parts, _zscore, _zscore_rows
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 10_007)).astype(np.float32)
+    x[2] = 3.0  # constant row: centred, not scaled
+    z = _zscore_rows(x)
+    for row, want in zip(z, x):
+        np.testing.assert_array_equal(row, _zscore(want))
+    a, b, c = (rng.standard_normal(999) for _ in range(3))
+    for parts in ([a], [a, b], [a, b, c]):
+        np.testing.assert_array_equal(_mean_parts(parts), np.mean(parts, axis=0))
+
+
+def _reference_search(rec, text: str, k: int) -> list[tuple[str, float]]:
+    """The text search as written before the serving optimisations (per-query products, full stable sort)."""
+    from kgrec.pipeline import _zscore
+
+    vec = rec.aligned_vectors
+    parts = [_zscore(vec["text"] @ rec.text_encoder.encode([text])[0])]
+    s = vec["image"] @ rec.clip_encoder.encode_texts([text])[0]
+    s[~vec["has_image"]] = np.nan
+    floor = np.nanmin(s) if np.isfinite(s).any() else 0.0
+    parts.append(np.nan_to_num(_zscore(np.nan_to_num(s, nan=floor)), nan=0.0))
+    scores = np.mean(parts, axis=0)
+    return [(rec.item_ids[i], float(scores[i])) for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+def test_search_equals_the_reference_implementation(serve_recommender):
+    rec = serve_recommender
+    for text in ("red cotton shirt", "wooden desk lamp", "blue"):
+        got = [(r.item_id, r.score) for r in rec.search(text=text, k=10)]
+        want = _reference_search(rec, text, 10)
+        assert [g[0] for g in got] == [w[0] for w in want]
+        np.testing.assert_allclose([g[1] for g in got], [w[1] for w in want], rtol=1e-6, atol=1e-6)
