@@ -281,7 +281,7 @@ def search_words(bundle: Path, n_items: int = 5000) -> list[str]:
 
 # Stages timed by ``profile_requests``: (module, class, method) -> stage name. Wrapping methods (not copying the
 # request code) keeps the breakdown valid for older and newer versions of the serving path.
-_STAGES: tuple[tuple[str, str, str, str], ...] = (
+_STAGES: tuple[tuple[str, str | None, str, str], ...] = (
     ("kgrec.pipeline", "Recommender", "_candidates", "candidates (score all items + top-C)"),
     ("ranking.features", "FeatureBuilder", "__init__", "feature builder setup"),
     ("ranking.features", "FeatureBuilder", "build", "features"),
@@ -292,6 +292,8 @@ _STAGES: tuple[tuple[str, str, str, str], ...] = (
     ("encoders.text", "TextEncoder", "encode", "query encoding (BERT)"),
     ("encoders.clip", "ClipEncoder", "encode_texts", "query encoding (CLIP text)"),
     ("kgrec.pipeline", "Recommender", "_search_scores", "search scores (encode + matmul + z-score)"),
+    ("kgrec.pipeline", "Recommender", "_text_query_parts", "search scores (encode + matmul + z-score)"),
+    ("kgrec.pipeline", None, "encode_clip_queries", "query encoding (CLIP text)"),
 )
 
 
@@ -331,11 +333,13 @@ def profile_requests(bundle: Path, n: int = 40, seed: int = 0) -> dict[str, Any]
         setattr(owner, attr, timed)
 
     for module, cls, attr, stage in _STAGES:
-        owner = getattr(importlib.import_module(module), cls, None)
+        mod = importlib.import_module(module)
+        owner = mod if cls is None else getattr(mod, cls, None)
         if owner is not None and hasattr(owner, attr):
             wrap(owner, attr, stage)
-    wrap(Recommender, "recommend", "recommender_total")
-    wrap(Recommender, "search", "recommender_total")
+    for name in ("recommend", "search", "recommend_batch", "search_batch"):  # the service calls the batch forms
+        if hasattr(Recommender, name):
+            wrap(Recommender, name, "recommender_total")
 
     t0 = time.perf_counter()
     rec = Recommender.load(bundle)
