@@ -86,6 +86,13 @@ def test_deterministic_id_embeddings_and_errors(world):
     a = train_scale_model(t.num_users, t.num_items, tu, ti, features=f, config=cfg)
     b = train_scale_model(t.num_users, t.num_items, tu, ti, features=f, config=cfg)
     np.testing.assert_array_equal(a.user_embeddings, b.user_embeddings)
+    va = t.split == 1
+    deep = train_scale_model(t.num_users, t.num_items, tu, ti, features=f, valid=(t.users[va], t.items[va]),
+                             config=cfg.__class__(**{**cfg.__dict__, "select_metric": "recall@50"}))
+    assert {"recall@50", "ndcg@20"} <= set(deep.history[0]["valid"])
+    with pytest.raises(DataError, match="not of the form"):
+        train_scale_model(t.num_users, t.num_items, tu, ti, features=f, valid=(t.users[va], t.items[va]),
+                          config=cfg.__class__(**{**cfg.__dict__, "select_metric": "auc"}))
     with pytest.raises(DataError, match="content vectors, a knowledge graph, or both"):
         propagate_features(t.num_users, t.num_items, tu, ti)
     with pytest.raises(DataError, match="no training interactions"):
