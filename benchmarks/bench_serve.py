@@ -1,15 +1,23 @@
 """Load test of the HTTP service on loopback: N concurrent clients for a fixed time per endpoint.
 
 Question: how many requests per second do ``/recommend`` and ``/search`` answer, at what p50/p99 latency and with
-how many errors, with the service started the way users start it (``kgrec serve --bundle B``, its own process)?
+how many errors, with the service started the way users start it (``kgrec serve --bundle B [--workers N]``, its own
+process)? Goal (issue 9): 0 errors and p99 <= 100 ms at 100,000 items on 2 cores.
 
-    .venv/bin/python -m benchmarks.bench_serve --bundle demo_out/bundle --clients 32 --duration 30
-    .venv/bin/python -m benchmarks.bench_serve --build-items 1000 --workdir /tmp/bench_serve   # builds a bundle
+    .venv/bin/python -m benchmarks.bench_serve --build-items 100000 --build-users 20000 --epochs 5 \
+        --workdir /tmp/kgrec_serve_100k --build-only                     # ~25 min once, see build_bundle
+    .venv/bin/python -m benchmarks.bench_serve --bundle /tmp/kgrec_serve_100k/bundle --profile 40   # per stage
+    .venv/bin/python -m benchmarks.bench_serve --bundle /tmp/kgrec_serve_100k/bundle --clients 32 --duration 60 \
+        --generator wrk --workers 2 --label "100k items, wrk, 2 workers"
+    .venv/bin/python -m benchmarks.bench_serve --build-items 1000 --workdir /tmp/bench_serve   # the demo bundle
 
-The server runs in a subprocess (uvicorn, one worker); the clients are asyncio tasks on one ``httpx.AsyncClient``
-in this process, so on a 2-core machine client and server share the CPUs (numbers are a floor). Each phase first
-warms up for a few seconds (not counted). Users are drawn from the bundle's users, search texts from its item
-titles (seeded). Prints a table and writes ``benchmarks/results/serve.json`` (merged by bundle label).
+Load generators (``--generator``): ``httpx`` = asyncio tasks on one ``httpx.AsyncClient`` in this process, so on a
+2-core machine the Python clients take CPU from the server (numbers are a floor); ``wrk`` = the C load generator
+(``apt-get install wrk``; one thread, event loop, a Lua script picks the request paths) in its own process, still on
+the same cores but using little of them. Each phase first warms up for a few seconds (not counted). Users are drawn
+from the bundle's users, search texts are 3 words of item titles and attribute values (seeded). ``--profile N``
+times N requests per endpoint in-process, one at a time, by stage. Prints a table and writes
+``benchmarks/results/serve.json`` (merged by label; runs record the machine load, the command and the bundle build).
 """
 from __future__ import annotations
 
