@@ -217,15 +217,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--train-budget-s", type=float, default=900.0)
     p.add_argument("--eval-users", type=int, default=2000, help="validation users sampled for per-epoch NDCG")
-    p.add_argument("--final-eval-users", type=int, default=4000, help="users sampled for the final valid/test table")
+    p.add_argument("--final-eval-users", type=int, default=2000, help="users sampled for the final valid/test table")
     p.add_argument("--no-text", action="store_true", help="train without the text vectors (KG + interactions)")
     p.add_argument("--no-kg", action="store_true", help="train without the KG profile features")
     p.add_argument("--full-propagation-epochs", type=int, default=0,
                    help="also train the full-propagation GNN (fusion.train) this many epochs for comparison")
     p.add_argument("--reuse", action="store_true", help="reuse generated + ingested data in --workdir")
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--rank-users", type=int, default=10_000)
-    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--rank-users", type=int, default=5000)
+    p.add_argument("--rank-fit-share", type=float, default=0.5, help="share of rank users the ranker is fit on")
+    p.add_argument("--candidates", type=int, default=300)
     p.add_argument("--requests", type=int, default=100)
     p.add_argument("--out", type=Path, default=RESULTS, help="results JSON path")
     p.add_argument("--budget-s", type=float, default=3600.0, help="skip the remaining stages past this wall time")
@@ -474,12 +475,12 @@ def main(argv: list[str] | None = None) -> dict:
         rng = np.random.default_rng(0)
         users = np.sort(rng.choice(np.unique(va["u"].to_numpy()), min(args.rank_users, va["u"].nunique()),
                                    replace=False))
-        fit_users = np.sort(rng.choice(users, int(len(users) * 0.8), replace=False))
+        fit_users = np.sort(rng.choice(users, int(len(users) * args.rank_fit_share), replace=False))
         eval_users = np.setdiff1d(users, fit_users)
         t = time.perf_counter()
         train_seen = _csr_rows(tr, U, I)
         cand, _ = top_candidates(model.user_embeddings[users], model.item_embeddings, args.candidates,
-                                 exclude=train_seen[users], batch_size=64)
+                                 exclude=train_seen[users], batch_size=256)
         cand_s = time.perf_counter() - t
         pos_in_cand = _positives_in(cand, users, va, I)
         # training groups: retrieval candidates plus the user's held-out positives (they replace the lowest-ranked
