@@ -30,7 +30,7 @@ def serve(
     import uvicorn
 
     from kgrec.errors import BundleError
-    from kgrec.serve.app import ENV_BUNDLE, ENV_CONFIG, create_app, limit_threads
+    from kgrec.serve.app import ENV_BUNDLE, ENV_CONFIG, create_app, freeze_loaded_objects, limit_threads
 
     cfg = load_config(config, **{"serve.host": host, "serve.port": port, "serve.workers": workers})
     if not (bundle / "manifest.json").is_file():
@@ -50,5 +50,6 @@ def serve(
     typer.echo(f"loading bundle {bundle} ...")
     rec = Recommender.load(bundle)
     app = create_app(rec, cfg)
+    freeze_loaded_objects()
     typer.echo(f"serving {rec!r} on http://{cfg.serve.host}:{cfg.serve.port}/  (API docs: /docs)")
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level=log_level, access_log=False)

@@ -436,7 +436,25 @@ def app_from_env() -> FastAPI:
     limit_threads(cfg.serve.torch_threads)
     rec = Recommender.load(bundle)
     logger.info("worker %d serving %r", os.getpid(), rec)
-    return create_app(rec, cfg)
+    app = create_app(rec, cfg)
+    freeze_loaded_objects()
+    return app
+
+
+def freeze_loaded_objects() -> int:
+    """Move every object alive now (the loaded bundle: the graph store alone holds millions of Python objects) out
+    of the garbage collector's reach (``gc.freeze``); returns how many were frozen.
+
+    Without this, each full collection walks the whole loaded model while requests wait: pauses of hundreds of
+    milliseconds at 100,000 items, which land in the p99. Requests' own garbage is still collected as usual. Call
+    it once, after loading and warming up, in a process that serves until it exits."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    n = gc.get_freeze_count()
+    logger.info("froze %d loaded objects out of the garbage collector", n)
+    return n
 
 
 def limit_threads(n: int) -> None:

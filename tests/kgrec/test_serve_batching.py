@@ -255,3 +255,18 @@ def test_search_equals_the_reference_implementation(serve_recommender):
         want = _reference_search(rec, text, 10)
         assert [g[0] for g in got] == [w[0] for w in want]
         np.testing.assert_allclose([g[1] for g in got], [w[1] for w in want], rtol=1e-6, atol=1e-6)
+
+
+def test_freeze_loaded_objects_takes_them_out_of_the_collector():
+    import gc
+
+    from kgrec.serve.app import freeze_loaded_objects
+
+    held = [{"node": i} for i in range(10_000)]  # stands for a loaded graph
+    try:
+        n = freeze_loaded_objects()
+        assert n == gc.get_freeze_count() >= len(held)
+        assert not any(gc.is_tracked(x) and x in gc.get_objects(generation=2) for x in held[:3])
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0
