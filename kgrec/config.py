@@ -48,7 +48,7 @@ class KGConfig(_Section):
 class EncodersConfig(_Section):
     """Text (BERT family) and CLIP encoders."""
 
-    text_model: str = "packaged:all-MiniLM-L6-v2"  # or a local directory / hub name
+    text_model: str = "packaged:all-MiniLM-L6-v2"  # or a local directory / hub name; "static:<dir or base>" = encoders.static (big catalogs)
     text_max_length: int = 128
     text_batch_size: int = 64
     clip_model: str = "kgrec-effnetlite0-minilm"  # an open_clip config name (ours or open_clip's)
