@@ -1,4 +1,4 @@
-"""``kgrec neo4j fetch|start|stop|status`` and ``kgrec kg load``."""
+"""``kgrec neo4j fetch|start|import|stop|status`` and ``kgrec kg load``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -63,6 +63,41 @@ def neo4j_start(
     server.start()
     write_state(server)
     typer.echo(f"Neo4j started (pid {server.pid}) at {server.uri}; home {server.home}")
+    _print_exports(server.uri, server.user, str(pw))
+
+
+@neo4j_app.command("import")
+@clean_errors
+def neo4j_import(
+    dataset: Path = typer.Argument(..., help="An ingested dataset directory (kgrec ingest)."),
+    home: Path | None = typer.Option(None, "--home", help="Server home (default: <cache>/neo4j/home, as `start`)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing `neo4j` database in that home."),
+    heap: str = typer.Option("1g", "--heap", help="Server JVM maximum heap (-Xmx)."),
+    config: Path | None = CONFIG_OPTION,
+) -> None:
+    """Bulk-load a dataset's graph with `neo4j-admin database import full` (fresh database; millions of
+    relationships per minute), then start the server like `kgrec neo4j start`. Later changes go through `kg load`."""
+    from kg.bulk_import import bulk_import, dataset_frames
+    from kg.neo4j_server import Neo4jServer, cache_dir, password_file, read_state, server_from_state, write_state
+    from kgrec.data.schema import Dataset
+    from kgrec.errors import GraphStoreError
+
+    load_config(config)
+    state = read_state()
+    if state is not None and server_from_state(state).is_running():
+        raise GraphStoreError(f"a Neo4j server started by kgrec is running (pid {state['pid']}): the importer needs "
+                              "it stopped — run `kgrec neo4j stop` first")
+    home = home or cache_dir() / "neo4j" / "home"
+    pw = password_file()
+    password = pw.read_text().strip() if (home / "data" / "dbms").exists() and pw.is_file() else None
+    server = Neo4jServer(home, password=password, heap=heap, remove_home=False)
+    nodes, rels = dataset_frames(Dataset.open(dataset))
+    report = bulk_import(server, nodes, rels, overwrite=overwrite)
+    write_state(server)
+    n_rel = sum(len(r) for r in rels.values())
+    typer.echo(f"imported {sum(len(n) for n in nodes.values())} nodes and {n_rel} relationships; "
+               f"Neo4j running (pid {server.pid}) at {server.uri}; home {server.home}")
+    typer.echo(f"report: {report}")
     _print_exports(server.uri, server.user, str(pw))
 
 

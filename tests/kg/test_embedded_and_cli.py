@@ -61,3 +61,38 @@ def test_cli_neo4j_status_without_server(tmp_path, monkeypatch):
     monkeypatch.setenv("KGREC_CACHE_DIR", str(tmp_path))
     res = CliRunner().invoke(app, ["neo4j", "status"])
     assert res.exit_code == 1 and "not running" in res.output
+
+
+def test_cli_neo4j_import_bulk_loads_then_serves(small_dataset, tmp_path, monkeypatch):
+    """`kgrec neo4j import` bulk-loads a fresh home with neo4j-admin, starts the server, records it for `stop`, and
+    the store reads back exactly the embedded store's counts; a second import without --overwrite is refused."""
+    from kg.neo4j_server import NEO4J_VERSION, cache_dir, fetch, read_state
+    from kg.neo4j_store import Neo4jStore
+
+    lib = fetch(NEO4J_VERSION)  # the real jars (cached by `kgrec neo4j fetch` in `make test`)
+    real_version_dir = lib.parent
+    monkeypatch.setenv("KGREC_CACHE_DIR", str(tmp_path / "cache"))
+    (cache_dir() / "neo4j").mkdir(parents=True)
+    (cache_dir() / "neo4j" / NEO4J_VERSION).symlink_to(real_version_dir, target_is_directory=True)
+    runner = CliRunner()
+    home = tmp_path / "home"
+    res = runner.invoke(app, ["neo4j", "import", str(small_dataset.root), "--home", str(home)])
+    try:
+        assert res.exit_code == 0, res.output
+        state = read_state()
+        assert state is not None and "imported" in res.output and state["uri"] in res.output
+        with open(state["password_file"], encoding="utf-8") as fh:
+            password = fh.read().strip()
+        store = Neo4jStore(state["uri"], state["user"], password)
+        try:
+            expected = EmbeddedStore()
+            expected.load(small_dataset)
+            assert store.counts() == expected.counts()
+        finally:
+            store.close()
+        again = runner.invoke(app, ["neo4j", "import", str(small_dataset.root), "--home", str(home)])
+        assert again.exit_code != 0 and "neo4j stop" in again.output
+    finally:
+        stop = runner.invoke(app, ["neo4j", "stop", "--purge"])
+    assert stop.exit_code == 0, stop.output
+    assert not home.exists()
