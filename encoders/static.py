@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -210,22 +208,16 @@ class StaticTextEncoder:
         """Write ``static.json``, ``embeddings.safetensors`` and the tokenizer files; atomic directory swap."""
         from safetensors.numpy import save_file
 
-        from kgrec.data.schema import replace_directory
+        from kgrec.data.schema import atomic_directory
 
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             save_file({"embeddings": self.embeddings, "weights": self.weights}, str(tmp / "embeddings.safetensors"))
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             meta = {"format_version": FORMAT_VERSION, "kind": "static_text_encoder", "base": self.base,
                     "dim": self.dim, "vocab_size": int(len(self.weights)), "max_length": self.max_length,
                     "info": self.info}
             (tmp / "static.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            replace_directory(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -249,22 +247,16 @@ class ScaleModel:
         """``config.json`` + ``model.safetensors``, written to a temporary directory and renamed into place."""
         from safetensors.numpy import save_file
 
-        from kgrec.data.schema import replace_directory
+        from kgrec.data.schema import atomic_directory
 
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             save_file({"user_embeddings": np.ascontiguousarray(self.user_embeddings, np.float32),
                        "item_embeddings": np.ascontiguousarray(self.item_embeddings, np.float32)},
                       str(tmp / "model.safetensors"))
             meta = {"format_version": FORMAT_VERSION, "kind": "scale_two_tower", "config": self.config,
                     "history": self.history, "feature_seconds": self.feature_seconds}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            replace_directory(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

@@ -276,17 +276,12 @@ class TrainedModel:
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
         """Write ``config.json`` (config, history, relation weights) and ``model.safetensors``; atomic rename."""
-        import shutil
-        import tempfile
-
         from safetensors.numpy import save_file
 
-        from kgrec.data.schema import replace_directory
+        from kgrec.data.schema import atomic_directory
 
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             tensors = {
                 "user_embeddings": self.user_embeddings.astype(np.float32),
                 "item_embeddings": self.item_embeddings.astype(np.float32),
@@ -317,10 +312,6 @@ class TrainedModel:
                 "history": self.history,
             }
             (tmp / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            replace_directory(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

@@ -5,6 +5,7 @@ Ids are strings at the edges. Item attributes are stored in Parquet as a JSON ob
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -165,6 +166,21 @@ def replace_directory(tmp_dir: Path, final_dir: Path) -> None:
     else:
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp_dir, final_dir)
+
+
+@contextlib.contextmanager
+def atomic_directory(final_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final_dir`` to write into; on success it replaces ``final_dir``
+    (``replace_directory``), on any error it is removed and ``final_dir`` is untouched."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
+    try:
+        yield tmp
+        replace_directory(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class Dataset:

@@ -84,3 +84,18 @@ def test_cli_demo_data(tmp_path):
     assert ds.manifest["counts"]["items"] == 40 and ds.manifest["counts"]["users"] == 6
     assert not (tmp_path / "raw" / "images").exists()
     shutil.rmtree(tmp_path / "raw")
+
+
+def test_atomic_directory_swaps_on_success_and_keeps_the_old_one_on_error(tmp_path) -> None:
+    from kgrec.data.schema import atomic_directory
+
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(target) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise RuntimeError("boom")
+    assert (target / "a.txt").read_text() == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
