@@ -171,6 +171,14 @@ def build_relational_graph(
     ).build_adjacency()
 
 
+def _gate_grad(adj: Tensor, col: Tensor, norm: Tensor, rel: Tensor, grad: Tensor, x: Tensor, num_rel: int) -> Tensor:
+    """d/dgates[r] = sum over edges e of relation r of ``norm_e * grad[row_e] . x[col_e]``: ``grad @ x^T`` sampled at
+    ``adj``'s nonzeros in CSR order (the per-edge dot products without a gather), summed per relation."""
+    pattern = torch.sparse_csr_tensor(adj.crow_indices(), col, torch.ones_like(norm), adj.shape)
+    per_edge = norm * torch.sparse.sampled_addmm(pattern, grad, x.T, beta=0.0).values()
+    return torch.zeros(num_rel, dtype=grad.dtype, device=grad.device).index_add_(0, rel, per_edge)
+
+
 class GatedSymmetricSpMM(torch.autograd.Function):
     """``A(gates) @ x`` with ``A = sum_r gates[r] * A_r`` stored as one CSR whose values are ``norm_e * gates[rel_e]``.
 
@@ -194,12 +202,7 @@ class GatedSymmetricSpMM(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
         row, col, norm, rel, x = ctx.saved_tensors
         grad_x = ctx.adj @ grad
-        grad_gates = None
-        if ctx.needs_input_grad[5]:
-            # (grad @ x^T) sampled at A's nonzeros, in CSR order: the per-edge dot products without a gather
-            pattern = torch.sparse_csr_tensor(ctx.adj.crow_indices(), col, torch.ones_like(norm), ctx.adj.shape)
-            per_edge = norm * torch.sparse.sampled_addmm(pattern, grad, x.T, beta=0.0).values()
-            grad_gates = torch.zeros(ctx.num_rel, dtype=grad.dtype, device=grad.device).index_add_(0, rel, per_edge)
+        grad_gates = _gate_grad(ctx.adj, col, norm, rel, grad, x, ctx.num_rel) if ctx.needs_input_grad[5] else None
         return None, None, None, None, None, grad_gates, grad_x
 
 
@@ -230,11 +233,7 @@ class GatedRowBlockSpMM(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
         col, norm, rel, x = ctx.saved_tensors
         grad_x = ctx.adj_t @ grad
-        grad_gates = None
-        if ctx.needs_input_grad[7]:
-            pattern = torch.sparse_csr_tensor(ctx.adj.crow_indices(), col, torch.ones_like(norm), ctx.adj.shape)
-            per_edge = norm * torch.sparse.sampled_addmm(pattern, grad, x.T, beta=0.0).values()
-            grad_gates = torch.zeros(ctx.num_rel, dtype=grad.dtype, device=grad.device).index_add_(0, rel, per_edge)
+        grad_gates = _gate_grad(ctx.adj, col, norm, rel, grad, x, ctx.num_rel) if ctx.needs_input_grad[7] else None
         return None, None, None, None, None, None, None, grad_gates, grad_x
 
 
