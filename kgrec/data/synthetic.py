@@ -305,7 +305,7 @@ def generate_catalog(
     n_items: int = 1000,
     n_users: int = 300,
     seed: int = 0,
-    images: bool = True,
+    images: bool | int = True,
     *,
     n_events: int | None = None,
     sessions_per_user: float = 12.0,
@@ -320,7 +320,9 @@ def generate_catalog(
         n_items: number of item listings, planted near-duplicates included (~2 %).
         n_users: number of users.
         seed: everything (tables and images) is a deterministic function of the seed.
-        images: draw ``images/<item_id>.png`` (64x64); without, ``image`` is empty.
+        images: draw ``images/<item_id>.png`` (64x64); without, ``image`` is empty. An int ``N`` draws images for
+            the ``N`` items with the smallest ids only (a random subset: ids are shuffled over items) and leaves
+            ``image`` empty for the rest; tables and images of those items are the same as with ``True``.
         n_events: exact number of events to produce (sessions are added until reached); default: about
             ``sessions_per_user`` sessions per user, each a few events.
         fmt: ``"text"`` (items.jsonl + CSV) or ``"parquet"`` (one .parquet per table, for big runs).
@@ -341,6 +343,10 @@ def generate_catalog(
         raise ValueError("noise needs fmt='text' (typed Parquet columns cannot hold malformed values)")
     if not 0.0 <= noise <= 0.5:
         raise ValueError(f"noise must be in [0, 0.5], got {noise}")
+    # images=True/False: all/none; an int N: the N items with the smallest ids
+    n_images = (n_items if images else 0) if isinstance(images, bool) else int(images)
+    if n_images < 0:
+        raise ValueError(f"images must be a bool or a non-negative number of items, got {images!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "truth").mkdir(exist_ok=True)
@@ -398,6 +404,7 @@ def generate_catalog(
     missing_rows: list[tuple[str, str, str]] = []
     attr_cache: dict[tuple, str] = {}
     ids_l = item_ids.tolist()
+    item_number = perm.tolist()  # item k has the item_number[k]-th smallest id
     # plain lists: indexing numpy arrays element by element is what makes a per-item loop slow
     for k, (c, b, ci, mat, pi, size, np_k, ep, tt, dt, dc, dm) in enumerate(zip(
             cat.tolist(), brand.tolist(), colour.tolist(), material_name.tolist(), pattern.tolist(),
@@ -432,7 +439,7 @@ def generate_catalog(
             missing_rows.append((ids_l[k], "colour", col))
         if dm:
             missing_rows.append((ids_l[k], "material", mat))
-        images_col.append(f"images/{ids_l[k]}.png" if images else None)
+        images_col.append(f"images/{ids_l[k]}.png" if item_number[k] < n_images else None)
 
     order = np.argsort(item_ids.astype(str), kind="stable")  # write items sorted by id
     items_tbl = pa.table(
@@ -448,12 +455,13 @@ def generate_catalog(
         }
     )
 
-    if images:
+    if n_images:
         from tqdm.auto import tqdm
 
         (out / "images").mkdir(exist_ok=True)
         palette = np.array(list(COLOURS.values()), dtype=np.int64)
-        for k in tqdm(range(n_items), desc="images", unit="img", disable=not progress):
+        drawn = range(n_items) if n_images >= n_items else np.flatnonzero(perm < n_images).tolist()
+        for k in tqdm(drawn, desc="images", unit="img", disable=not progress):
             rgb = np.clip(palette[colour[k]] + img_jitter[k], 0, 255)
             px = render_item_image(CATEGORIES[cat[k]].shape, rgb, PATTERNS[pattern[k]], int(img_dx[k]), int(img_dy[k]),
                                    int(img_phase[k]))
