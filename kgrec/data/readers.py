@@ -393,13 +393,9 @@ def read_jsonl(path: Path) -> RawTable:
     return RawTable("", _with_origin(table, file, np.array(lines, dtype=np.int64)), rejected, blank_rows=blank)
 
 
-def read_parquet(path: Path) -> RawTable:
-    """Parquet -> columns as stored (typed), line = 1-based row number; invalid UTF-8 strings rejected."""
-    path = Path(path)
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"cannot read {path} as Parquet: {exc}") from exc
+def normalise_parquet_columns(table: pa.Table) -> pa.Table:
+    """Lower-case, stripped column names; dictionary columns decoded, large strings as strings, map/struct columns
+    as sorted-key JSON strings (the form the CSV/JSONL readers give), so every reader hands validation one shape."""
     table = table.rename_columns([c.strip().lower() for c in table.column_names])
     for i, f in enumerate(table.schema):
         if pa.types.is_dictionary(f.type):
@@ -410,6 +406,17 @@ def read_parquet(path: Path) -> RawTable:
             table = table.set_column(i, f.name, pa.array(
                 [None if v is None else json.dumps(dict(v), ensure_ascii=False, sort_keys=True, default=str)
                  for v in table.column(i).to_pylist()], pa.string()))
+    return table
+
+
+def read_parquet(path: Path) -> RawTable:
+    """Parquet -> columns as stored (typed), line = 1-based row number; invalid UTF-8 strings rejected."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"cannot read {path} as Parquet: {exc}") from exc
+    table = normalise_parquet_columns(table)
     lines = np.arange(1, table.num_rows + 1, dtype=np.int64)
     table, lines, bad = _decode_columns(table, path.name, lines)
     return RawTable("", _with_origin(table, path.name, lines), bad)

@@ -151,23 +151,17 @@ class EventValidation:
         return out
 
 
-def _read_event_row_group(path: str, group: int, first_line: int) -> pa.Table:
-    """One Parquet row group as a raw event table with ``__file``/``__line`` (1-based row number in the file)."""
+def _read_event_row_group(path: str, group: int, first_line: int) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """One Parquet row group as a raw event table with ``__file``/``__line`` (1-based row number in the file), read
+    exactly as ``read_parquet`` reads the whole file, and its rows with invalid UTF-8 as quarantine records."""
     import pyarrow.parquet as pq
 
-    from kgrec.data.readers import FILE_COL, LINE_COL
+    from kgrec.data.readers import _decode_columns, _with_origin, normalise_parquet_columns
 
-    table = pq.ParquetFile(path).read_row_group(group)
-    table = table.rename_columns([c.strip().lower() for c in table.column_names])
-    for i, f in enumerate(table.schema):
-        if pa.types.is_dictionary(f.type):
-            table = table.set_column(i, f.name, table.column(i).cast(f.type.value_type))
-        elif pa.types.is_large_string(f.type):
-            table = table.set_column(i, f.name, table.column(i).cast(pa.string()))
-    n = table.num_rows
-    return table.append_column(FILE_COL, pa.array([Path(path).name] * n, pa.string())).append_column(
-        LINE_COL, pa.array(np.arange(first_line, first_line + n, dtype=np.int64))
-    )
+    table = normalise_parquet_columns(pq.ParquetFile(path).read_row_group(group))
+    lines = np.arange(first_line, first_line + table.num_rows, dtype=np.int64)
+    table, lines, rejected = _decode_columns(table, Path(path).name, lines)
+    return _with_origin(table, Path(path).name, lines), rejected
 
 
 def _validate_event_partition(
@@ -177,8 +171,8 @@ def _validate_event_partition(
     from kgrec.data.readers import RawTable
     from kgrec.data.validation import validate_events
 
-    table = _read_event_row_group(*part) if isinstance(part, tuple) else part
-    res = validate_events(RawTable("events", table), config, known_items, known_users)
+    table, rejected = _read_event_row_group(*part) if isinstance(part, tuple) else (part, [])
+    res = validate_events(RawTable("events", table, rejected), config, known_items, known_users)
     return res.table, res.quarantine, res.merged
 
 

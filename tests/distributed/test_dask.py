@@ -116,6 +116,31 @@ def test_event_validation_from_parquet_row_groups(client, tmp_path: Path, noisy_
     assert sorted(out.quarantine.column("line").to_pylist()) == sorted(single.quarantine.column("line").to_pylist())
 
 
+def test_parquet_row_groups_quarantine_invalid_utf8_like_the_reader(client, tmp_path: Path, noisy_raw: Path) -> None:
+    """Rows whose bytes are not UTF-8 are quarantined by the workers exactly as ``read_parquet`` rejects them."""
+    from kgrec.config import DataConfig
+    from kgrec.data.readers import FILE_COL, LINE_COL, read_parquet, read_source
+    from kgrec.data.validation import validate_events
+
+    raw = read_source(noisy_raw, "auto")
+    t = raw.tables["events"].table.drop_columns([FILE_COL, LINE_COL])
+    users = [None if u is None else u.encode() for u in t.column("user_id").to_pylist()]
+    bad_rows = [3, 301, 302, len(users) - 1]
+    for i in bad_rows:
+        users[i] = b"U\xff\xfe" + (users[i] or b"")
+    t = t.set_column(t.column_names.index("user_id"), "user_id", pa.array(users, pa.binary()))
+    path = tmp_path / "events_bytes.parquet"
+    pq.write_table(t, path, row_group_size=300)
+    items = pa.array(sorted(set(t.column("item_id").to_pylist()) - {None}), pa.string())
+    out = validate_events_dask(client, path, items, None)
+    single = validate_events(read_parquet(path), DataConfig(), items, None)
+    assert out.reasons() == single.reasons
+    assert out.reasons().get("invalid_utf8", 0) == len(bad_rows)
+    assert _sorted_rows(out.table) == _sorted_rows(single.table)
+    assert sorted(out.quarantine.column("line").to_pylist()) == sorted(single.quarantine.column("line").to_pylist())
+    assert {i + 1 for i in bad_rows} <= set(out.quarantine.column("line").to_pylist())
+
+
 # ------------------------------------------------------------------------------------------------ encoding
 def test_text_encoding_one_model_per_worker_matches_local(client, tmp_path: Path) -> None:
     from encoders.items import item_text
