@@ -7,6 +7,7 @@ sparse matrix products (SGC / SIGN: Wu et al. 2019, Frasca et al. 2020), so each
 * item features: its content vector ``x_i`` (e.g. static text), its knowledge-graph neighbours (brand, category,
   attribute, entity: a row-normalised one-hot profile ``B_i``), and the mean content of the items its training users
   bought (``R^T R x``, two hops item -> users -> items);
+* optional image vectors for the items that have an image (zeros + a ``has_image`` indicator for the others);
 * user features: the mean content of the user's training items (``R x``) and the mean KG profile of those items
   (``R B``: shares of brands, categories, attributes in the history);
 
@@ -145,6 +146,19 @@ def _moments(x: np.ndarray, chunk: int = 100_000) -> tuple[np.ndarray, np.ndarra
     return mu.astype(np.float32), np.maximum(sd, 1e-6).astype(np.float32)
 
 
+@dataclass
+class _ScatteredRows:
+    """(num_items, d) zeros except rows ``rows`` = ``vectors`` (never materialised as a dense copy)."""
+
+    rows: np.ndarray
+    vectors: np.ndarray
+    num_items: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.num_items, int(self.vectors.shape[1])
+
+
 def propagate_features(
     num_users: int,
     num_items: int,
@@ -154,6 +168,8 @@ def propagate_features(
     content: np.ndarray | None = None,
     graph: Any | None = None,
     max_kg_nodes: int = 4096,
+    image_vectors: np.ndarray | None = None,
+    image_items: np.ndarray | None = None,
 ) -> PropagatedFeatures:
     """Compute item rows and users' sums of them once (sparse products; see the module docstring).
 
@@ -161,10 +177,15 @@ def propagate_features(
         train_users, train_items: (n,) training interactions (only these are propagated: no validation leakage).
         content: optional (num_items, d) float32 item content vectors (e.g. static text vectors).
         graph: optional ``HeteroData`` export with item -> brand/category/attribute/entity edges.
+        image_vectors, image_items: optional image vectors (m, d_img) of the items ``image_items`` (m,) (e.g. a
+            memory-mapped ``.npy``; catalogs where only some items have an image). They add an ``image`` block
+            (zeros for items without an image) and a ``has_image`` indicator column (1.0 / 0.0), so a tower can
+            tell "no image" from "an image whose vector is near zero".
     """
     t0 = time.perf_counter()
-    if content is None and graph is None:
-        raise DataError("propagated features need item content vectors, a knowledge graph, or both")
+    if content is None and graph is None and image_vectors is None:
+        raise DataError("propagated features need item content vectors, a knowledge graph, or both "
+                        "(or image vectors)")
     r = to_csr(np.asarray(train_users), np.asarray(train_items), (num_users, num_items))
     r.data[:] = 1.0
     parts: list[tuple[str, Any]] = []
@@ -176,13 +197,31 @@ def propagate_features(
         b, _ = item_kg_matrix(graph, num_items, max_kg_nodes)
         if b.shape[1]:
             parts.append(("kg", _row_normalise(b)))
+    if (image_vectors is None) != (image_items is None):
+        raise DataError("image features need both image_vectors (m, d) and image_items (m,), or neither")
+    if image_vectors is not None:
+        rows = np.asarray(image_items, dtype=np.int64)
+        if image_vectors.ndim != 2 or len(rows) != image_vectors.shape[0]:
+            raise DataError(f"image_vectors {image_vectors.shape} need one row per entry of image_items ({len(rows)})")
+        if len(rows) and (rows.min() < 0 or rows.max() >= num_items):
+            raise DataError(f"image_items must be item indices in [0, {num_items}); got {rows.min()}..{rows.max()}")
+        has = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, np.zeros(len(rows), np.int64))),
+                            shape=(num_items, 1))
+        has.data[:] = 1.0  # duplicate indices count once
+        parts.append(("image", _ScatteredRows(rows, image_vectors, num_items)))
+        parts.append(("has_image", has))
     if not parts:
         raise DataError("the graph has no item -> brand/category/attribute/entity edges and no content was given")
     width = sum(p.shape[1] for _, p in parts)
     item = np.empty((num_items, width), dtype=np.float32)
     blocks, c = {}, 0
     for name, p in parts:
-        item[:, c:c + p.shape[1]] = p.toarray() if sp.issparse(p) else np.asarray(p, dtype=np.float32)
+        if isinstance(p, _ScatteredRows):
+            item[:, c:c + p.shape[1]] = 0.0
+            for s_ in range(0, len(p.rows), 100_000):  # chunks: a memory-mapped source is read piecewise
+                item[p.rows[s_:s_ + 100_000], c:c + p.shape[1]] = np.asarray(p.vectors[s_:s_ + 100_000], np.float32)
+        else:
+            item[:, c:c + p.shape[1]] = p.toarray() if sp.issparse(p) else np.asarray(p, dtype=np.float32)
         blocks[name] = (c, c + p.shape[1])
         c += p.shape[1]
     user_sum = np.asarray(r @ item, dtype=np.float32)
