@@ -8,6 +8,7 @@ import pytest
 from ranking.context import HISTORY_RELS, RankingContext
 from ranking.explain import PATH_KINDS, Explainer
 from ranking.features import FeatureBuilder
+from tests.ranking.world import context_kwargs
 
 pytest.importorskip("kg.embedded_store")
 
@@ -18,18 +19,7 @@ def world_dataset(ranking_world, tmp_path_factory):
 
 
 def context_from_store(world, store) -> RankingContext:
-    return RankingContext.from_store(
-        store,
-        user_vectors=world.user_vectors,
-        item_vectors=world.item_vectors,
-        user_ids=world.user_ids,
-        item_ids=world.item_ids,
-        item_text=world.item_text,
-        item_image=world.item_image,
-        modality_weights=world.modality_weights,
-        items=world.items,
-        events=world.train_events,
-    )
+    return RankingContext.from_store(store, **context_kwargs(world))
 
 
 @pytest.fixture(params=["embedded", pytest.param("neo4j", marks=pytest.mark.neo4j)])

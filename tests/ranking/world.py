@@ -200,22 +200,17 @@ def make_world(
     )
 
 
+def context_kwargs(world: World) -> dict[str, Any]:
+    """The vectors, ids and tables a RankingContext takes from a world (in the world's id order)."""
+    return dict(user_vectors=world.user_vectors, item_vectors=world.item_vectors, user_ids=world.user_ids,
+                item_ids=world.item_ids, item_text=world.item_text, item_image=world.item_image,
+                modality_weights=world.modality_weights, items=world.items, events=world.train_events)
+
+
 def context_from_world(world: World, hetero: Any = None, id_maps: dict[str, list[str]] | None = None):
-    """RankingContext of a world (vectors in the world's id order)."""
+    """RankingContext of a world built from its HeteroData export."""
     from ranking.context import RankingContext
 
     if hetero is None:
         hetero, id_maps = world.hetero()
-    return RankingContext.from_hetero(
-        hetero,
-        id_maps,
-        user_vectors=world.user_vectors,
-        item_vectors=world.item_vectors,
-        user_ids=world.user_ids,
-        item_ids=world.item_ids,
-        item_text=world.item_text,
-        item_image=world.item_image,
-        modality_weights=world.modality_weights,
-        items=world.items,
-        events=world.train_events,
-    )
+    return RankingContext.from_hetero(hetero, id_maps, **context_kwargs(world))
