@@ -1,6 +1,8 @@
 """The ``Encoder`` protocol shared by the text (BERT) and CLIP encoders."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -25,3 +27,14 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Row-wise L2 normalisation, float32."""
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+@dataclass
+class FitResult:
+    """What a fine-tuning run (``fit_clip``, ``fit_text``) returns: the checkpoint directory, held-out metrics, the
+    per-epoch curve and the wall time in seconds."""
+
+    out_dir: Path
+    metrics: dict[str, Any]
+    curve: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0

@@ -20,10 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from encoders.base import FitResult
 from encoders.clip import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, ClipEncoder
 from encoders.images import load_image
 from encoders.items import item_text
-from kgrec.data.schema import Dataset, atomic_write_json, replace_directory
+from kgrec.data.schema import Dataset, atomic_directory, atomic_write_json
 from kgrec.errors import DataError, EncoderError
 
 logger = logging.getLogger(__name__)
@@ -60,12 +59,7 @@ class FitClipConfig:
     eval_attributes: tuple[str, ...] = ("colour", "category", "material", "pattern")
 
 
-@dataclass
-class FitClipResult:
-    out_dir: Path
-    metrics: dict[str, Any]
-    curve: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
+FitClipResult = FitResult  # the shared result record (encoders/base.py)
 
 
 # ---------------------------------------------------------------- data
@@ -349,9 +343,7 @@ def _write_checkpoint(out_dir: Path, cfg: FitClipConfig, model: torch.nn.Module,
                       metrics: dict[str, Any], curve: list[dict[str, float]]) -> None:
     from safetensors.torch import save_file
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_directory(out_dir) as tmp:
         state = model.state_dict()
         save_file({n: state[n].detach().cpu().contiguous() for n in names}, str(tmp / CHECKPOINT_WEIGHTS))
         spec = {"model": cfg.model, "pretrained": cfg.pretrained, "seed": cfg.seed, "image_size": cfg.image_size,
@@ -359,10 +351,6 @@ def _write_checkpoint(out_dir: Path, cfg: FitClipConfig, model: torch.nn.Module,
         atomic_write_json(tmp / CHECKPOINT_CONFIG, spec)
         atomic_write_json(tmp / "metrics.json", {"metrics": metrics, "curve": curve})
         plot_curve(curve, tmp / "training_curve.png", title=f"fit-clip {cfg.model} ({metrics['mode']})")
-        replace_directory(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def plot_curve(curve: list[dict[str, float]], path: Path, title: str) -> None:

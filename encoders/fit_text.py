@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from encoders.base import FitResult
 from encoders.items import item_text
 from encoders.text import TextEncoder
-from kgrec.data.schema import Dataset, atomic_write_json, replace_directory
+from kgrec.data.schema import Dataset, atomic_directory, atomic_write_json
 from kgrec.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -56,12 +55,7 @@ class FitTextConfig:
     device: str = "auto"
 
 
-@dataclass
-class FitTextResult:
-    out_dir: Path
-    metrics: dict[str, Any]
-    curve: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
+FitTextResult = FitResult  # the shared result record (encoders/base.py)
 
 
 @dataclass(frozen=True)
@@ -309,9 +303,7 @@ def _write(out_dir: Path, cfg: FitTextConfig, enc: TextEncoder, metrics: dict[st
            curve: list[dict[str, float]]) -> None:
     from encoders.fit_clip import plot_curve
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_directory(out_dir) as tmp:
         enc.model.save_pretrained(tmp, safe_serialization=True)
         enc.tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "fit_text_config.json", {"base_model": enc.name, "fit": asdict(cfg)})
@@ -319,7 +311,3 @@ def _write(out_dir: Path, cfg: FitTextConfig, enc: TextEncoder, metrics: dict[st
         if curve:
             plot_curve([{"epoch": c["epoch"], "train_loss": c["train_loss"], "val_loss": 1 - c["held_out_mrr"]}
                         for c in curve], tmp / "training_curve.png", title="fit-text (held-out: 1 - MRR)")
-        replace_directory(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
