@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,7 +23,7 @@ import numpy as np
 
 from encoders.cache import EmbeddingCache, content_hash
 from encoders.images import read_image_bytes
-from kgrec.data.schema import Dataset, atomic_write_json, replace_directory
+from kgrec.data.schema import Dataset, atomic_directory, atomic_write_json
 from kgrec.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -109,9 +107,7 @@ class ItemEmbeddings:
         from safetensors.numpy import save_file
 
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-        try:
+        with atomic_directory(directory) as tmp:
             save_file(
                 {name: np.ascontiguousarray(v, dtype=np.float32)  # raw buffers: C order or they load scrambled
                  for name, v in (("text", self.text), ("image", self.image), ("clip_text", self.clip_text))},
@@ -128,10 +124,6 @@ class ItemEmbeddings:
                     "model_ids": self.model_ids,
                 },
             )
-            replace_directory(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, directory: str | Path) -> ItemEmbeddings:

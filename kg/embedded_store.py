@@ -8,13 +8,12 @@ same MERGE semantics as the Neo4j store. On disk (no pickle)::
     <dir>/edges.parquet   rel, src_label, src, dst_label, dst, props (JSON text)
     <dir>/meta.json       format version and counts
 
-written to a temporary sibling and swapped in (``replace_directory``).
+written to a temporary sibling and swapped in (``atomic_directory``).
 """
 from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path as FsPath
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -28,7 +27,7 @@ from kg.loading import DATA_SOURCE, build_graph_rows
 from kg.paths import Hop, find_paths
 from kg.schema import EDGE_TYPES, NODE_LABELS, check_label, check_rel_type
 from kg.store import NodeRef, Path
-from kgrec.data.schema import atomic_write_json, replace_directory
+from kgrec.data.schema import atomic_directory, atomic_write_json
 from kgrec.errors import GraphStoreError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,27 +112,25 @@ class EmbeddedStore:
             raise GraphStoreError(
                 f"refusing to replace {target}: it is not empty and not an embedded graph store; choose another path"
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = FsPath(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-        g = self.graph
-        node_list = sorted(g.nodes(data=True), key=lambda x: x[0])
-        pq.write_table(pa.table({
-            "label": [n[0] for n, _ in node_list],
-            "id": [n[1] for n, _ in node_list],
-            "props": [json.dumps(p, sort_keys=True, ensure_ascii=False) for _, p in node_list],
-        }), tmp / "nodes.parquet", compression="zstd")
-        cols: dict[str, list[str]] = {k: [] for k in ("rel", "src_label", "src", "dst_label", "dst", "props")}
-        for u, v, k, p in g.edges(keys=True, data=True):
-            cols["rel"].append(_rel_of(k))
-            cols["src_label"].append(u[0])
-            cols["src"].append(u[1])
-            cols["dst_label"].append(v[0])
-            cols["dst"].append(v[1])
-            cols["props"].append(json.dumps(p, sort_keys=True, ensure_ascii=False))
-        pq.write_table(pa.table(cols, schema=pa.schema([(c, pa.string()) for c in cols])),
-                       tmp / "edges.parquet", compression="zstd")
-        atomic_write_json(tmp / "meta.json", {"format_version": FORMAT_VERSION, "counts": self.counts()})
-        replace_directory(tmp, target)
+        with atomic_directory(target) as tmp:
+            g = self.graph
+            node_list = sorted(g.nodes(data=True), key=lambda x: x[0])
+            pq.write_table(pa.table({
+                "label": [n[0] for n, _ in node_list],
+                "id": [n[1] for n, _ in node_list],
+                "props": [json.dumps(p, sort_keys=True, ensure_ascii=False) for _, p in node_list],
+            }), tmp / "nodes.parquet", compression="zstd")
+            cols: dict[str, list[str]] = {k: [] for k in ("rel", "src_label", "src", "dst_label", "dst", "props")}
+            for u, v, k, p in g.edges(keys=True, data=True):
+                cols["rel"].append(_rel_of(k))
+                cols["src_label"].append(u[0])
+                cols["src"].append(u[1])
+                cols["dst_label"].append(v[0])
+                cols["dst"].append(v[1])
+                cols["props"].append(json.dumps(p, sort_keys=True, ensure_ascii=False))
+            pq.write_table(pa.table(cols, schema=pa.schema([(c, pa.string()) for c in cols])),
+                           tmp / "edges.parquet", compression="zstd")
+            atomic_write_json(tmp / "meta.json", {"format_version": FORMAT_VERSION, "counts": self.counts()})
         self.path = target
         self._dirty = False
         return target
