@@ -344,8 +344,8 @@ def train_scale_model(
     cfg = config or ScaleTrainConfig()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    tu = torch.as_tensor(np.asarray(train_users), dtype=torch.long)
-    ti = torch.as_tensor(np.asarray(train_items), dtype=torch.long)
+    tu = torch.as_tensor(np.array(train_users, dtype=np.int64))  # a copy: the input may be read-only
+    ti = torch.as_tensor(np.array(train_items, dtype=np.int64))
     n = len(tu)
     if n == 0:
         raise DataError("no training interactions to learn from")

@@ -378,6 +378,10 @@ def train_model(
         config: ``FusionConfig``; ``use_kg`` / ``use_text`` / ``use_image`` switch the ablations.
     """
     cfg = config or FusionConfig()
+    if cfg.trainer == "scale":
+        return train_scale_as_trained_model(
+            num_users, num_items, train_users, train_items, graph=graph, text=text, image=image,
+            image_present=image_present, valid=valid, config=cfg, progress=progress)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     text = text if (cfg.use_text and text is not None) else None
@@ -457,3 +461,58 @@ def add_ease_term(tm: TrainedModel, valid: sp.csr_matrix, cfg: FusionConfig, dev
     _, tm.item_item, tm.hybrid_weight, tm.ease_lambda = best
     if tm.hybrid_weight == 0:
         tm.item_item, tm.ease_lambda = None, None
+
+
+def train_scale_as_trained_model(
+    num_users: int,
+    num_items: int,
+    train_users: np.ndarray,
+    train_items: np.ndarray,
+    *,
+    graph: Any | None = None,
+    text: np.ndarray | None = None,
+    image: np.ndarray | None = None,
+    image_present: np.ndarray | None = None,
+    valid: tuple[np.ndarray, np.ndarray] | None = None,
+    config: FusionConfig | None = None,
+    progress: bool = False,
+) -> TrainedModel:
+    """``fusion.trainer: scale``: the ``fusion.scale`` two-tower trainer behind ``train_model``'s interface.
+
+    Arguments as :func:`train_model`. The result is a :class:`TrainedModel` (saved and loaded like the GNN's) whose
+    ``modality_weights`` are uniform over the modalities used (the towers have no per-item attention), whose
+    ``fusion`` layer has no content projections (cold-start items need a retrain: ``item_vectors_from_content``
+    says so), and without an EASE term.
+    """
+    from fusion.scale import ScaleTrainConfig, propagate_features, train_scale_model
+
+    cfg = config or FusionConfig(trainer="scale")
+    text = text if (cfg.use_text and text is not None) else None
+    image = image if (cfg.use_image and image is not None) else None
+    image_vectors = image_items = None
+    if image is not None:
+        if image.shape[0] != num_items:
+            raise DataError(f"image vectors have {image.shape[0]} rows but there are {num_items} items")
+        image_items = (np.flatnonzero(np.asarray(image_present, dtype=bool)) if image_present is not None
+                       else np.arange(num_items))
+        image_vectors = np.asarray(image, dtype=np.float32)[image_items]
+    kg = graph if cfg.use_kg else None
+    features = propagate_features(num_users, num_items, np.asarray(train_users), np.asarray(train_items),
+                                  content=None if text is None else np.asarray(text, dtype=np.float32), graph=kg,
+                                  image_vectors=image_vectors, image_items=image_items)
+    scale_cfg = ScaleTrainConfig(
+        dim=cfg.dim, hidden=cfg.scale_hidden, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        num_negatives=cfg.num_negatives, temperature=cfg.temperature, patience=cfg.patience,
+        max_eval_users=cfg.max_eval_users, pairs_per_epoch=cfg.scale_pairs_per_epoch, seed=cfg.seed)
+    m = train_scale_model(num_users, num_items, train_users, train_items, features=features, valid=valid,
+                          config=scale_cfg, progress=progress)
+    used = np.array([text is not None, image_vectors is not None, "kg" in features.blocks], dtype=np.float32)
+    weights = np.tile(used / max(float(used.sum()), 1.0), (num_items, 1)).astype(np.float32)
+    train_csr = to_csr(np.asarray(train_users), np.asarray(train_items), (num_users, num_items))
+    train_csr.data[:] = 1.0
+    return TrainedModel(
+        config={**cfg.model_dump(mode="json"), "scale": m.config, "feature_blocks": {k: list(v) for k, v in features.blocks.items()}},
+        user_embeddings=m.user_embeddings, item_embeddings=m.item_embeddings, modality_weights=weights,
+        history=[{k: v for k, v in h.items() if k in ("epoch", "loss", "train_seconds", "valid")} for h in m.history],
+        relation_weights={}, train_matrix=train_csr, fusion=ModalityFusion(cfg.dim).eval(), num_layers=0,
+    )

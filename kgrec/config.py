@@ -86,6 +86,13 @@ class FusionConfig(_Section):
     ease_lambdas: list[float] = Field(default_factory=lambda: [100.0, 200.0, 300.0, 500.0, 800.0])
     hybrid_weights: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
     max_ease_items: int = 30_000  # EASE needs a dense items x items inverse; skipped above this
+    # "gnn": the relation-aware GNN (full-graph propagation every step, fusion/train.py); "scale": features
+    # propagated once + mini-batch two-tower training (fusion/scale.py), for catalogs of ~1M items where a GNN step
+    # over all edges takes seconds. scale uses dim/epochs/batch_size/lr/num_negatives/temperature/patience/
+    # max_eval_users/seed/use_* from this section; no EASE term, no cold-start vectors for new items (retrain).
+    trainer: Literal["gnn", "scale"] = "gnn"
+    scale_hidden: int = 128  # scale: tower MLP hidden size (0: linear towers)
+    scale_pairs_per_epoch: int | None = None  # scale: training pairs sampled per epoch (None: all)
 
 
 class RankingConfig(_Section):
