@@ -59,7 +59,8 @@ class EpochRecord:
 
 
 def _loss(u: Tensor, pos: Tensor, neg: Tensor, cfg: FusionConfig) -> Tensor:
-    """u, pos (b, d); neg (b, n, d) for bpr or (n, d) shared for softmax."""
+    """u, pos (b, d); neg (b, n, d) for bpr or (n, d) shared for softmax (the per-positive form; ``batch_loss``
+    computes the same softmax loss with its negative scores per user)."""
     pos_s = (u * pos).sum(-1)
     if cfg.loss == "bpr":
         neg_s = torch.einsum("bd,bnd->bn", u, neg)
@@ -67,6 +68,25 @@ def _loss(u: Tensor, pos: Tensor, neg: Tensor, cfg: FusionConfig) -> Tensor:
     neg_s = u @ neg.T
     logits = torch.cat([pos_s.unsqueeze(1), neg_s], dim=1) / cfg.temperature
     return torch.nn.functional.cross_entropy(logits, torch.zeros(len(u), dtype=torch.long, device=u.device))
+
+
+def batch_loss(users: Tensor, items: Tensor, bu: Tensor, bi: Tensor, bj: Tensor, cfg: FusionConfig) -> Tensor:
+    """Loss of a batch: ``users`` (U, d), ``items`` (I, d) final vectors; ``bu``, ``bi`` (b,) positive pairs; ``bj``
+    (b, n) negatives per positive for bpr, or (n,) negatives shared by the batch for softmax.
+
+    Softmax: ``-log(e^{s_ui} / (e^{s_ui} + sum_j e^{s_uj}))`` with ``s = u . i / temperature``, computed as
+    ``logaddexp(s_ui, lse_u) - s_ui`` where ``lse_u = logsumexp_j s_uj`` is computed once per user (U x n scores)
+    rather than once per positive (b x n): the same number, ~b/U times less work (ml-100k: 8192 positives, 943 users).
+    """
+    if cfg.loss == "bpr":
+        return _loss(users[bu], items[bi], items[bj], cfg)
+    pos_s = (users[bu] * items[bi]).sum(-1) / cfg.temperature
+    if users.shape[0] <= len(bu):
+        lse = torch.logsumexp((users @ items[bj].T) / cfg.temperature, dim=1)[bu]
+    else:  # more users than positives (large data): score only the batch's users
+        uniq, inverse = torch.unique(bu, return_inverse=True)
+        lse = torch.logsumexp((users[uniq] @ items[bj].T) / cfg.temperature, dim=1)[inverse]
+    return (torch.logaddexp(pos_s, lse) - pos_s).mean()
 
 
 def adam(params: Any, lr: float, device: torch.device) -> torch.optim.Adam:
@@ -130,7 +150,7 @@ def fit_embeddings(
             else:
                 bj = torch.randint(0, num_items, (cfg.num_negatives,), generator=gen).to(device)
             users, items, ego, _ = model(**kw(True))
-            loss = _loss(users[bu], items[bi], items[bj], cfg)
+            loss = batch_loss(users, items, bu, bi, bj, cfg)
             if cfg.weight_decay:
                 reg = ego[bu].pow(2).sum() + ego[num_users + bi].pow(2).sum() + ego[num_users + bj].pow(2).sum()
                 loss = loss + cfg.weight_decay * reg / (2 * len(idx))

@@ -163,9 +163,11 @@ def test_gated_propagation_matches_dense_gradients() -> None:
     assert torch.allclose(y, y2) and torch.allclose(gx, x.grad) and torch.allclose(gg, gates.grad)
 
 
-def test_row_block_last_layer_matches_full_propagation() -> None:
-    """Computing the last layer on user+item rows only gives the same vectors and gradients as propagating every
-    node (entities two hops out included)."""
+@pytest.mark.parametrize("num_layers", [0, 1, 2, 3])
+def test_hop_restricted_layers_match_full_propagation(num_layers: int) -> None:
+    """Computing layer l only on the nodes within L - l hops of a user or item (``propagate``) gives the same vectors
+    and gradients (embeddings, fused item inputs, relation gates) as propagating every node through every layer:
+    entities 1, 2 and 3 hops out and an unreachable one included, some items with and some without their ID."""
     from torch_geometric.data import HeteroData
 
     from fusion.gnn import GatedSymmetricSpMM, KGFusionGNN, build_relational_graph
@@ -173,17 +175,26 @@ def test_row_block_last_layer_matches_full_propagation() -> None:
     rng = np.random.default_rng(1)
     g = HeteroData()
     g["item"].num_nodes = 7
-    g["entity"].num_nodes = 5
+    g["entity"].num_nodes = 7
     g["item", "linked_to", "entity"].edge_index = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 2, 2]])
-    g["entity", "rel_a", "entity"].edge_index = torch.tensor([[0, 1, 2], [3, 4, 4]])
+    # entity 3: 2 hops, 4: 2 hops, 5: 3 hops (via 4), 6: unreachable
+    g["entity", "rel_a", "entity"].edge_index = torch.tensor([[0, 1, 2, 4], [3, 4, 4, 5]])
     rg = build_relational_graph(5, 7, rng.integers(0, 5, 20), rng.integers(0, 7, 20), g)
+    hops = rg.hops.tolist()
+    assert hops[:12] == [0] * 12 and hops == sorted(hops)  # users and items first, KG nodes by distance
+    assert [rg.within(k) for k in range(4)] == [12, 15, 17, 18] and rg.num_nodes == 19
+    # renumbering keeps each node's type and index within its type
+    assert sorted(rg.node_local[rg.node_type == 2].tolist()) == list(range(7))
     torch.manual_seed(0)
-    model = KGFusionGNN(rg, dim=4, num_layers=3).double()
+    model = KGFusionGNN(rg, dim=4, num_layers=num_layers, text_dim=3).double()
+    text = torch.randn(7, 3, dtype=torch.float64)
+    present = torch.ones(7, 3, dtype=torch.bool)
+    present[::2, 2] = False  # items 0, 2, 4, 6 without their ID embedding
     with torch.no_grad():
         model.relation_logit.copy_(torch.tensor([0.0, 0.3, -0.4]))
 
     def reference() -> tuple[torch.Tensor, torch.Tensor]:
-        items0, _ = model.item_inputs(None, None, None)
+        items0, _ = model.item_inputs(text, None, present)
         w = model.node_emb.weight
         x = torch.cat([w[: rg.num_users], items0, w[rg.num_users + rg.num_items :]])
         gates, out = model.relation_weights(), x
@@ -194,17 +205,27 @@ def test_row_block_last_layer_matches_full_propagation() -> None:
         out = out / (model.num_layers + 1)
         return out[: rg.num_users], out[rg.num_users : rg.num_targets]
 
-    rg.norm = rg.norm.double()
     weights = torch.arange(rg.num_targets * 4, dtype=torch.float64).view(rg.num_targets, 4).sin()
-    grads = []
-    for fn in (lambda: model()[:2], reference):
+    runs = []
+    for fn in (lambda: model(text, None, present)[:2], reference):
         model.zero_grad()
         u, i = fn()
         (torch.cat([u, i]) * weights).sum().backward()
-        grads.append((torch.cat([u, i]).detach(), model.node_emb.weight.grad.clone(), model.relation_logit.grad.clone()))
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-10)
-    assert grads[0][2].abs().sum() > 0  # the KG gates do receive gradient through the row-block layer
+        runs.append([torch.cat([u, i]).detach()] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                     for p in model.parameters()])
+    assert len(runs[0]) == 1 + len(list(model.parameters()))
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, atol=1e-12)
+    grad_emb, grad_gates = model.node_emb.weight.grad, model.relation_logit.grad
+    beyond = rg.hops > num_layers
+    assert beyond.any() and (grad_emb[beyond] == 0).all()  # nodes beyond L hops cannot reach a user or item
+    if num_layers >= 1:
+        uses_row = ~beyond
+        uses_row[rg.num_users : rg.num_targets] = present[:, 2]  # an item's ID row only matters where it is used
+        assert (grad_emb[uses_row].abs().sum(1) > 0).all() and (grad_emb[~uses_row] == 0).all()
+        assert grad_gates[1].abs() > 0
+    if num_layers >= 2:  # entity-entity edges reach an item's vector from the second layer on
+        assert grad_gates[1:].abs().min() > 0
 
 
 def test_save_load_keeps_non_contiguous_arrays(tmp_path, trained) -> None:
@@ -215,3 +236,44 @@ def test_save_load_keeps_non_contiguous_arrays(tmp_path, trained) -> None:
                                                                  .reshape(trained.num_items, -1)), hybrid_weight=0.5)
     again = TrainedModel.load(m.save(tmp_path / "m"))
     assert np.array_equal(again.item_item, m.item_item)
+
+
+def test_batch_loss_equals_per_positive_softmax() -> None:
+    """The per-user logsumexp form of the sampled softmax equals cross-entropy over (positive, shared negatives)
+    per positive, value and gradients, whether users outnumber the batch or not."""
+    from fusion.train import _loss, batch_loss
+
+    cfg = FusionConfig(loss="softmax", temperature=0.2)
+    gen = torch.Generator().manual_seed(0)
+    users = torch.randn(50, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    items = torch.randn(30, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    bj = torch.randint(0, 30, (16,), generator=gen)
+    for b in (100, 20):  # 100 positives > 50 users: all users scored; 20 < 50: only the batch's users
+        bu, bi = torch.randint(0, 50, (b,), generator=gen), torch.randint(0, 30, (b,), generator=gen)
+        grads = []
+        for fn in (lambda: batch_loss(users, items, bu, bi, bj, cfg), lambda: _loss(users[bu], items[bi], items[bj], cfg)):
+            users.grad = items.grad = None
+            loss = fn()
+            loss.backward()
+            grads.append((loss.detach(), users.grad.clone(), items.grad.clone()))
+        for a, c in zip(*grads):
+            assert torch.allclose(a, c, atol=1e-12)
+
+
+def test_single_modality_fusion_skips_scoring_with_same_result() -> None:
+    """With at most one modality per item the attention weights are one-hot: the fast path returns the same fused
+    vectors and weights as scoring (which passes no gradient to the scorer)."""
+    from fusion.fusion import ModalityFusion
+
+    torch.manual_seed(0)
+    fusion = ModalityFusion(4, text_dim=3, image_dim=2).double()
+    text, image = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    present = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0], [0, 1, 0]], dtype=torch.bool)
+    fused, weights = fusion(None, text, image, present)
+    assert torch.equal(weights, present.double())
+    expected = torch.stack([fusion.text_proj(text), fusion.image_proj(image)], 1)[:, :2] * present[:, :2, None]
+    assert torch.allclose(fused, expected.sum(1))
+    both = present.clone()
+    both[0, 1] = True  # one item with two modalities: scored by attention, weights strictly between 0 and 1
+    _, w = fusion(None, text, image, both)
+    assert 0 < w[0, 0] < 1 and torch.allclose(w[0, :2].sum(), torch.tensor(1.0, dtype=torch.float64))
