@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 KS = (10, 20)
 QUERY_CACHE_SIZE = 1024  # recent query texts whose vectors are kept, per encoder
+# below this standard deviation of a query's similarities, the moment formula's rounding (~1e-8) could matter:
+# such rows are z-scored from the similarities themselves
+_MOMENT_MIN_SD = 1e-6
 _MEMO_USERS = 256  # _candidates keeps its scores for the feature build when it scored at most this many users
 
 
@@ -180,6 +183,32 @@ def top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
         threshold = neg[np.argpartition(neg, k - 1)[:k]].max()
     top = np.flatnonzero(neg <= threshold)  # every tie at the threshold, in index order
     return top[np.argsort(neg[top], kind="stable")[:k]]
+
+
+def _top_k_rows(scores: np.ndarray, ks: Sequence[int]) -> list[np.ndarray]:
+    """``top_k_stable(scores[j], ks[j])`` for every row of a (n, I) float array of finite values, with one
+    ``torch.topk`` over the whole batch.
+
+    ``torch.topk`` orders ties arbitrarily, so it is asked for one more than the largest k: when row j's
+    (k+1)-th value is below its k-th, the k returned are exactly the row's top k and are put in order by
+    (value descending, index); when they are equal (ties across the cut) the row takes :func:`top_k_stable`.
+    """
+    import torch
+
+    n_items = scores.shape[1]
+    if not len(ks):
+        return []
+    width = min(max(int(k) for k in ks) + 1, n_items)
+    vals, idx = (t.numpy() for t in torch.topk(torch.as_tensor(scores), width, dim=1))
+    out = []
+    for j, k in enumerate(ks):
+        k = min(int(k), n_items)
+        if k < width and vals[j, k] == vals[j, k - 1]:
+            out.append(top_k_stable(scores[j], k))
+        else:
+            sel = idx[j, :k]
+            out.append(sel[np.lexsort((sel, -vals[j, :k]))])
+    return out
 
 
 def _zscore_rows(x: np.ndarray) -> np.ndarray:
@@ -726,12 +755,37 @@ class Recommender:
 
     @property
     def aligned_vectors(self) -> dict[str, np.ndarray]:
-        """Item text / image vectors and image presence in the model's item order (computed once, not per query)."""
+        """Item text / image vectors and image presence in the model's item order (computed once, not per query).
+
+        The (I, dim) matrices are stored column-major (a C-contiguous (dim, I) array, transposed): a batch of
+        queries is scored as ``Q @ vec["text"].T``, a product with a contiguous (dim, I) right-hand side, which
+        BLAS runs ~1.5x faster at 100,000 items than with the row-major (I, dim) matrix transposed.
+        """
         if self._aligned is None:
             order = self._item_order()
-            self._aligned = {"text": self.embeddings.text[order], "image": self.embeddings.image[order],
+            self._aligned = {"text": np.ascontiguousarray(self.embeddings.text[order].T).T,
+                             "image": np.ascontiguousarray(self.embeddings.image[order].T).T,
                              "has_image": self.embeddings.has_image[order]}
         return self._aligned
+
+    def _text_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean (dim,) and centred second moment (dim, dim) of the item text vectors, float64 (computed once).
+
+        For a query q the similarities s_i = q . x_i have mean q . mu and variance q^T C q (C the population
+        covariance of the x_i): the z-score of a few chosen items needs no pass over all I similarities.
+        """
+        vec = self.aligned_vectors
+        if "text_moments" not in vec:
+            xt = vec["text"].T  # (dim, I), C-contiguous
+            n = xt.shape[1]
+            mu = np.add.reduce(xt, axis=1, dtype=np.float64) / max(n, 1)
+            cov = np.zeros((xt.shape[0], xt.shape[0]), dtype=np.float64)
+            for a in range(0, n, 16384):  # float64 chunks: the covariance stays exact to ~1e-15
+                c = xt[:, a : a + 16384].astype(np.float64)
+                c -= mu[:, None]
+                cov += c @ c.T
+            vec["text_moments"] = (mu, cov / max(n, 1))
+        return vec["text_moments"]
 
     def _search_scores(self, text: str | None = None, image: Any = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(I,) combined z-scored similarities (BERT text space + CLIP text->image, image->image) and the raw
@@ -762,6 +816,12 @@ class Recommender:
         return (self.text_encoder is not None and bool(vec["text"].shape[1]),
                 self.clip_encoder is not None and bool(vec["image"].shape[1]))
 
+    def _clip_part_is_zero(self) -> bool:
+        """True when no item has an image. The CLIP text->image part of a text query is then exactly zero for
+        every query (every item gets the same fill value, whose z-score is 0): it still counts in the mean of the
+        parts (scores are unchanged) but the CLIP text tower and the (I, dim) product are skipped."""
+        return not bool(self.aligned_vectors["has_image"].any())
+
     def _text_query_parts(self, texts: Sequence[str]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
         """z-scored parts ((n, I) float64 each) and raw per-source similarities ((n, I) float32) of text queries.
 
@@ -777,7 +837,9 @@ class Recommender:
             s = np.stack(self._query_vectors("text", texts)) @ vec["text"].T
             sources["text"] = s
             parts.append(_zscore_rows(s))
-        if use_clip:
+        if use_clip and self._clip_part_is_zero():  # no signal, no per-source similarity (all NaN before)
+            parts.append(np.zeros((len(texts), vec["image"].shape[0]), dtype=np.float64))
+        elif use_clip:
             s = np.stack(self._query_vectors("clip", texts)) @ vec["image"].T
             if "no_image" not in vec:
                 vec["no_image"] = np.flatnonzero(~vec["has_image"])
@@ -811,6 +873,8 @@ class Recommender:
         """Cross-modal search: free text (BERT text space + CLIP text->image) and/or an image (CLIP)."""
         if k < 1:
             raise DataError(f"k must be at least 1, got {k}")
+        if text and image is None:
+            return self.search_batch([text], k)[0]
         scores, sources = self._search_scores(text=text, image=image)
         return self._found(scores, sources, k)
 
@@ -830,9 +894,46 @@ class Recommender:
             raise DataError("search needs text or an image")
         if not texts:
             return []
+        use_text, use_clip = self._text_search_sources()
+        if use_text and (not use_clip or self._clip_part_is_zero()):
+            return self._search_text_space(texts, ks, n_parts=2 if use_clip else 1)
         parts, sources = self._text_query_parts(texts)
         scores = _mean_parts(parts)
         return [self._found(scores[j], {n: v[j] for n, v in sources.items()}, kk) for j, kk in enumerate(ks)]
+
+    def _search_text_space(self, texts: Sequence[str], ks: Sequence[int], n_parts: int) -> list[list[Recommendation]]:
+        """Text search when the BERT text space is the only signal (``n_parts - 1`` parts are exactly zero).
+
+        The score of an item is ``z / n_parts`` with ``z`` the z-score of its similarity over all items, a
+        strictly increasing function of the similarity: so the top-k is taken on the float32 similarities, and
+        only those k are z-scored, with the mean and standard deviation of the row from the query and the item
+        moments (:meth:`_text_moments`) instead of two float64 passes over the (n, I) similarities. Same items
+        in the same order as the full computation, scores equal to ~1e-9 (tested); a row whose similarities are
+        (near) constant or not finite takes the full computation.
+        """
+        vec = self.aligned_vectors
+        q = np.stack(self._query_vectors("text", texts))  # (n, dim) float32
+        s = q @ vec["text"].T  # (n, I) float32
+        mu, cov = self._text_moments()
+        q64 = q.astype(np.float64)
+        mean = q64 @ mu
+        sd = np.sqrt(np.maximum(np.einsum("nd,nd->n", q64 @ cov, q64), 0.0))
+        # a row with NaN or inf has a non-finite sum (a finite row can only overflow it past 1e33 per similarity,
+        # and then merely takes the full computation): one cheap pass instead of isfinite over (n, I)
+        finite = np.isfinite(np.add.reduce(s, axis=1))
+        tops = _top_k_rows(s, ks)
+        out: list[list[Recommendation]] = []
+        for j, k in enumerate(ks):
+            row = s[j]
+            if not (finite[j] and sd[j] > _MOMENT_MIN_SD):
+                scores = _mean_parts([_zscore_rows(row[None, :])[0]] + [np.zeros(len(row))] * (n_parts - 1))
+                out.append(self._found(scores, {"text": row}, k))
+                continue
+            top = tops[j]
+            z = (row[top].astype(np.float64) - mean[j]) / sd[j] / n_parts
+            out.append([self._result(int(i), z[r], r + 1, sources={"text": float(row[i])})
+                        for r, i in enumerate(top)])
+        return out
 
     # ------------------------------------------------------------------------------------------------ enrich
     def enrich(self, dry_run: bool = True, out_dir: str | Path | None = None, threshold: float | None = None,

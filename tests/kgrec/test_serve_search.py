@@ -1,0 +1,175 @@
+"""The text-search fast path (BERT text space the only non-zero signal) must answer exactly like the full
+computation: every part z-scored over all items, the parts averaged, a full stable sort.
+
+The demo catalog has images, so these tests take copies of the fitted recommender whose aligned item vectors are
+changed: no images (the CLIP part is then exactly zero and is skipped), no CLIP encoder at all, item text vectors
+with many exact duplicates (ties), a constant text matrix (zero spread: the fallback)."""
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kgrec.pipeline import Recommender, _zscore
+from tests.kgrec.conftest_serve import serve_recommender  # noqa: F401  (fixture)
+
+
+def _variant(rec: Recommender, *, text: np.ndarray | None = None, images: bool = False,
+             clip: bool = True) -> Recommender:
+    """A shallow copy of ``rec`` with its own caches and changed aligned vectors (the original is untouched)."""
+    out = copy.copy(rec)
+    vec = rec.aligned_vectors
+    t = vec["text"] if text is None else text
+    has_image = vec["has_image"].copy() if images else np.zeros(len(rec.item_ids), dtype=bool)
+    image = vec["image"] if images else np.zeros_like(vec["image"])
+    out._aligned = {"text": np.asfortranarray(t, dtype=np.float32), "image": np.asfortranarray(image),
+                    "has_image": has_image}
+    out._query_cache = OrderedDict()
+    out._query_lock = threading.Lock()
+    if not clip:
+        out._clip_encoder = None
+    return out
+
+
+def _full_search(rec: Recommender, text: str, k: int) -> list[tuple[str, float, float]]:
+    """(item id, score, text similarity) by the full computation, as written before the fast path: one query,
+    every part z-scored over all items (CLIP: items without an image filled with the row minimum), mean of the
+    parts, full stable argsort."""
+    vec = rec.aligned_vectors
+    sim = np.asarray(vec["text"], dtype=np.float32) @ rec.text_encoder.encode([text])[0]
+    parts = [_zscore(sim)]
+    if rec.clip_encoder is not None:
+        s = np.asarray(vec["image"]) @ rec.clip_encoder.encode_texts([text])[0]
+        s[~vec["has_image"]] = np.nan
+        floor = np.nanmin(s) if np.isfinite(s).any() else 0.0
+        parts.append(np.nan_to_num(_zscore(np.nan_to_num(s, nan=floor)), nan=0.0))
+    scores = np.mean(parts, axis=0)
+    return [(rec.item_ids[i], float(scores[i]), float(sim[i])) for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+def _check(got, want, tol=1e-5) -> None:
+    """Same items, same order; scores to ``tol``: the full computation scores one query with a matrix-vector
+    product, the service a batch with a matrix product, whose float32 roundings differ by ~1e-7 per similarity
+    (divided by the similarities' spread in a z-score)."""
+    assert [r.item_id for r in got] == [w[0] for w in want]
+    assert [r.rank for r in got] == list(range(1, len(want) + 1))
+    np.testing.assert_allclose([r.score for r in got], [w[1] for w in want], rtol=tol, atol=tol)
+    np.testing.assert_allclose([r.sources.get("text", np.nan) for r in got], [w[2] for w in want], rtol=1e-5, atol=1e-6)
+
+
+QUERIES = ["red cotton shirt", "wooden desk lamp", "blue", "boots", "a ceramic cup for coffee", "red cotton shirt"]
+
+
+def test_without_images_the_clip_part_is_skipped_and_results_are_unchanged(serve_recommender):
+    rec = _variant(serve_recommender)
+    ks = [10, 5, 1, 10, 3, 7]
+    batch = rec.search_batch(QUERIES, ks)
+    for text, k, got in zip(QUERIES, ks, batch):
+        _check(got, _full_search(rec, text, k))
+        _check(rec.search(text=text, k=k), _full_search(rec, text, k))
+        assert all(set(r.sources) == {"text"} for r in got)  # the CLIP similarity is NaN everywhere: not shown
+    assert not any(kind == "clip" for kind, _ in rec._query_cache)  # the CLIP text tower never ran
+    # from the same (batched) similarities, the moments give the full z-scores to the float32 rounding of those
+    # similarities (~3e-7 here; the moments themselves are float64); the mean still counts the zero CLIP part, so
+    # scores are half the text z-score, as before the fast path
+    sims = np.stack(rec._query_vectors("text", QUERIES)) @ rec.aligned_vectors["text"].T
+    for row, got in zip(sims, batch):
+        z = _zscore(row)
+        idx = [rec.item_ids.index(r.item_id) for r in got]
+        np.testing.assert_allclose([r.score for r in got], z[idx] / 2, rtol=1e-6, atol=1e-6)
+
+
+def test_without_a_clip_encoder_the_score_is_the_text_z_score(serve_recommender):
+    rec = _variant(serve_recommender, clip=False)
+    assert rec.clip_encoder is None
+    for text in QUERIES:
+        _check(rec.search(text=text, k=10), _full_search(rec, text, 10))
+
+
+def test_with_images_the_full_computation_is_kept(serve_recommender):
+    rec = _variant(serve_recommender, images=True)
+    assert rec.aligned_vectors["has_image"].any()
+    for text, got in zip(QUERIES, rec.search_batch(QUERIES, 10)):
+        _check(got, _full_search(rec, text, 10))
+        assert any("clip_image" in r.sources for r in got)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), distinct=st.integers(1, 40), k=st.integers(1, 60))
+def test_ties_from_duplicate_item_vectors_are_broken_by_item_order(serve_recommender, seed, distinct, k):
+    """Items share one of ``distinct`` text vectors (thousands of exact ties at 200 items): same order as the
+    full stable sort, scores equal."""
+    base = serve_recommender
+    rng = np.random.default_rng(seed)
+    dim = base.aligned_vectors["text"].shape[1]
+    rows = rng.standard_normal((distinct, dim)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    rec = _variant(base, text=rows[rng.integers(0, distinct, size=len(base.item_ids))])
+    text = QUERIES[seed % len(QUERIES)]
+    want = _full_search(rec, text, k)
+    if distinct == 1:  # every similarity equal: the spread is zero and the row takes the full computation
+        assert all(w[1] == 0.0 for w in want)
+    _check(rec.search_batch([text], k)[0], want)
+
+
+def test_constant_and_non_finite_rows_take_the_full_computation(serve_recommender):
+    base = serve_recommender
+    n, dim = base.aligned_vectors["text"].shape
+    one = np.zeros(dim, dtype=np.float32)
+    one[0] = 1.0
+    rec = _variant(base, text=np.tile(one, (n, 1)))
+    got = rec.search(text="boots", k=10)
+    assert [r.item_id for r in got] == base.item_ids[:10] and all(r.score == 0.0 for r in got)
+    bad = np.asarray(base.aligned_vectors["text"], dtype=np.float32).copy()
+    bad[7, 0] = np.nan
+    rec = _variant(base, text=bad)
+    assert rec._text_moments()  # computed, but the NaN row below is not scored from them
+    _check(rec.search(text="boots", k=10), _full_search(rec, "boots", 10))
+
+
+def test_text_moments_equal_numpy_mean_and_covariance(serve_recommender):
+    rec = _variant(serve_recommender)
+    x = np.asarray(rec.aligned_vectors["text"], dtype=np.float64)
+    mu, cov = rec._text_moments()
+    np.testing.assert_allclose(mu, x.mean(axis=0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(x, rowvar=False, bias=True), rtol=0, atol=1e-12)
+    q = rng_query = np.random.default_rng(1).standard_normal(x.shape[1])
+    s = x @ rng_query
+    assert q @ mu == pytest.approx(s.mean(), rel=1e-10)
+    assert np.sqrt(q @ cov @ q) == pytest.approx(s.std(), rel=1e-10)
+
+
+def test_aligned_item_matrices_are_column_major_and_unchanged(serve_recommender):
+    rec = serve_recommender
+    vec = rec.aligned_vectors
+    order = rec._item_order()
+    for name in ("text", "image"):
+        assert vec[name].T.flags.c_contiguous  # (dim, I) contiguous: Q @ vec[name].T is a plain product
+        np.testing.assert_array_equal(vec[name], getattr(rec.embeddings, name)[order])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    width=st.integers(1, 80),
+    levels=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+    data=st.data(),
+)
+def test_top_k_rows_equals_a_full_stable_argsort_per_row(rows, width, levels, seed, data):
+    """Few distinct values (many ties, across the cut too) or continuous ones; k from 1 to past the row length."""
+    from kgrec.pipeline import _top_k_rows
+
+    rng = np.random.default_rng(seed)
+    if levels < 6:
+        scores = rng.integers(0, levels, size=(rows, width)).astype(np.float32)
+    else:
+        scores = rng.standard_normal((rows, width)).astype(np.float32)
+    ks = data.draw(st.lists(st.integers(1, width + 3), min_size=rows, max_size=rows))
+    for row, k, got in zip(scores, ks, _top_k_rows(scores, ks)):
+        np.testing.assert_array_equal(got, np.argsort(-row, kind="stable")[:k])
