@@ -409,7 +409,8 @@ def train_model(
     for name, arr in (("text", text), ("image", image)):
         if arr is not None and arr.shape[0] != num_items:
             raise DataError(f"{name} vectors have {arr.shape[0]} rows but there are {num_items} items")
-    rg = build_relational_graph(num_users, num_items, train_users, train_items, graph, use_kg=cfg.use_kg).to(device)
+    rg = build_relational_graph(num_users, num_items, train_users, train_items, graph, use_kg=cfg.use_kg,
+                                prune_leaves=cfg.prune_kg_leaves).to(device)
     model = KGFusionGNN(
         rg, cfg.dim, cfg.num_layers,
         0 if text is None else text.shape[1], 0 if image is None else image.shape[1],

@@ -179,7 +179,7 @@ def test_hop_restricted_layers_match_full_propagation(num_layers: int) -> None:
     g["item", "linked_to", "entity"].edge_index = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 2, 2]])
     # entity 3: 2 hops, 4: 2 hops, 5: 3 hops (via 4), 6: unreachable
     g["entity", "rel_a", "entity"].edge_index = torch.tensor([[0, 1, 2, 4], [3, 4, 4, 5]])
-    rg = build_relational_graph(5, 7, rng.integers(0, 5, 20), rng.integers(0, 7, 20), g)
+    rg = build_relational_graph(5, 7, rng.integers(0, 5, 20), rng.integers(0, 7, 20), g, prune_leaves=False)
     hops = rg.hops.tolist()
     assert hops[:12] == [0] * 12 and hops == sorted(hops)  # users and items first, KG nodes by distance
     assert [rg.within(k) for k in range(4)] == [12, 15, 17, 18] and rg.num_nodes == 19
@@ -236,6 +236,33 @@ def test_save_load_keeps_non_contiguous_arrays(tmp_path, trained) -> None:
                                                                  .reshape(trained.num_items, -1)), hybrid_weight=0.5)
     again = TrainedModel.load(m.save(tmp_path / "m"))
     assert np.array_equal(again.item_item, m.item_item)
+
+
+def test_prune_leaves_drops_single_edge_kg_nodes_only() -> None:
+    """KG nodes with one edge go (with the edge); items, users and KG nodes with more edges stay, with their type and
+    within-type index; degrees (and so the normalisation) are those of the pruned graph."""
+    from torch_geometric.data import HeteroData
+
+    from fusion.gnn import build_relational_graph
+
+    g = HeteroData()
+    g["item"].num_nodes = 4
+    g["entity"].num_nodes = 4
+    g["category"].num_nodes = 1
+    # entity 0: items 0, 1 (kept); entity 1: item 2 only (leaf); entity 2: entity 0 only (leaf); entity 3: none
+    g["item", "linked_to", "entity"].edge_index = torch.tensor([[0, 1, 2], [0, 0, 1]])
+    g["entity", "rel_a", "entity"].edge_index = torch.tensor([[0], [2]])
+    g["item", "in_category", "category"].edge_index = torch.tensor([[0, 3], [0, 0]])
+    users, items = np.array([0, 0, 1, 2]), np.array([0, 1, 2, 3])
+    full = build_relational_graph(3, 4, users, items, g, prune_leaves=False)
+    pruned = build_relational_graph(3, 4, users, items, g)
+    assert (full.num_nodes, pruned.num_nodes) == (12, 10)
+    kept = {(pruned.node_types[t], int(i)) for t, i in zip(pruned.node_type[7:], pruned.node_local[7:])}
+    assert kept == {("entity", 0), ("entity", 3), ("category", 0)}
+    assert full.edge_index.shape[1] - pruned.edge_index.shape[1] == 4  # two undirected leaf edges
+    deg = torch.bincount(pruned.edge_index[0], minlength=pruned.num_nodes).double()
+    row, col = pruned.edge_index
+    assert torch.allclose(pruned.norm.double(), 1 / (deg[row] * deg[col]).sqrt())
 
 
 def test_batch_loss_equals_per_positive_softmax() -> None:
