@@ -1,12 +1,15 @@
 """One machine, 1,000,000 items / 10,000,000 events / 200,000 users: per-stage time, CPU time and peak memory.
 
-Stages: generate (synthetic catalog, Parquet, no images) -> ingest -> knowledge graph (HeteroData export) ->
-encode (static text encoder distilled from MiniLM, whole catalog; MiniLM itself on a sample for speed and agreement)
--> train (``fusion.scale``: propagated graph features computed once, mini-batch two-tower training; valid/test
+Stages: generate (synthetic catalog, Parquet, images for the ``--images`` items with the smallest ids) -> ingest ->
+knowledge graph (HeteroData export) -> neo4j (the same graph bulk-imported into a real local Neo4j with
+neo4j-admin, counts read back and compared, path queries; server stopped before encode) -> encode (static text encoder
+distilled from MiniLM, whole catalog; MiniLM itself on a sample for speed and agreement) -> images (the packaged
+ClipEncoder's image tower on the image subset, input size chosen on a sample; memory-mapped .npy) -> train (``fusion.scale``: propagated graph features computed once, mini-batch two-tower training; valid/test
 Recall/NDCG@20 on sampled users vs popularity and vs the generator's true tastes) -> rank (ranker features from the
 training interactions only, LightGBM on sampled users' candidates plus their held-out positives, evaluated on
 held-out users' plain retrieval candidates) -> recommend (per-user latency: retrieval over all items + features +
-ranker). Peak RSS is sampled every 0.1 s per stage (the process, children excluded).
+ranker). Peak RSS is sampled every 0.1 s per stage (the process, children excluded; the neo4j stage reports the
+importer's and the server's JVM peaks separately).
 
 What did not fit before and what was changed (see ``notes`` in the JSON):
 * The embedded ``GraphStore`` (networkx, one Python dict per relationship) is not loaded at this size; the KG stage
@@ -229,7 +232,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--candidates", type=int, default=300)
     p.add_argument("--requests", type=int, default=100)
     p.add_argument("--out", type=Path, default=RESULTS, help="results JSON path")
-    p.add_argument("--budget-s", type=float, default=3600.0, help="skip the remaining stages past this wall time")
+    p.add_argument("--budget-s", type=float, default=5400.0, help="skip the remaining stages past this wall time")
+    p.add_argument("--images", type=int, default=100_000, help="draw images for this many items (smallest ids)")
+    p.add_argument("--image-sample", type=int, default=2000,
+                   help="images encoded at 64 and 128 px to choose the input size (category/colour 1-NN accuracy)")
+    p.add_argument("--image-size", type=int, default=0, help="force the ClipEncoder input size (0: choose)")
+    p.add_argument("--image-budget-s", type=float, default=1200.0,
+                   help="fall back to 64 px when 128 px would take longer than this (extrapolated from the sample)")
+    p.add_argument("--no-image-features", action="store_true", help="train without the image vectors")
+    p.add_argument("--no-neo4j", action="store_true", help="skip the Neo4j bulk-import stage")
+    p.add_argument("--neo4j-heap", default="2g", help="Neo4j server and importer JVM heap")
     p.add_argument("--check", action="store_true", help="first check the column-wise export against EmbeddedStore")
     p.add_argument("--keep", action="store_true", help="keep the generated data in --workdir")
     args = p.parse_args(argv)
@@ -246,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "ram_gib": round(__import__("psutil").virtual_memory().total / 2**30, 1),
                     "load_average_before": os.getloadavg(), "torch_threads": torch.get_num_threads()},
-        "scale": {"items": args.items, "events": args.events, "users": args.users, "images": 0},
+        "scale": {"items": args.items, "events": args.events, "users": args.users,
+                  "images": min(args.images, args.items)},
         "stages": {},
         "notes": [],
     }
@@ -289,9 +302,10 @@ def main(argv: list[str] | None = None) -> dict:
     def generate() -> dict[str, Any]:
         from kgrec.data.synthetic import generate_catalog
 
-        s = generate_catalog(_fresh(work / "raw"), n_items=args.items, n_users=args.users, seed=0, images=False,
-                             n_events=args.events, fmt="parquet")
-        return {"raw_mib": round(sum(f.stat().st_size for f in (work / "raw").rglob("*") if f.is_file()) / 2**20, 1)}
+        s = generate_catalog(_fresh(work / "raw"), n_items=args.items, n_users=args.users, seed=0,
+                             images=max(args.images, 0), n_events=args.events, fmt="parquet")
+        return {"raw_mib": round(sum(f.stat().st_size for f in (work / "raw").rglob("*") if f.is_file()) / 2**20, 1),
+                "images": len(list((work / "raw" / "images").glob("*.png"))) if args.images > 0 else 0}
 
     def ingest_stage() -> dict[str, Any]:
         from kgrec.data.ingest import ingest
@@ -371,6 +385,162 @@ def main(argv: list[str] | None = None) -> dict:
                 "speed_ratio_static_over_minilm_same_sample": round(quality[chosen]["sample_items_per_s"] / base_rate, 1),
                 "quality_vs_minilm_on_sample": quality, "device": "cpu"}
 
+    def neo4j_stage() -> dict[str, Any]:
+        """Bulk-import the same graph into a real local Neo4j (neo4j-admin import), read the counts back and check
+        them against the column-wise export, run path queries, then stop the server and free its memory."""
+        from benchmarks.bench_neo4j_bulk import ChildPeakRSS
+        from kg.bulk_import import bulk_import, dataset_frames
+        from kg.neo4j_server import Neo4jServer
+        from kg.neo4j_store import Neo4jStore
+        from kg.schema import EDGE_TYPES, NODE_LABELS
+
+        hetero, ids = state["hetero"], state["id_maps"]
+        expected: dict[str, int] = {label: len(ids[t]) for label, t in NODE_LABELS.items()}
+        for rel, et in EDGE_TYPES.items():
+            if rel == "ENTITY_RELATION":
+                expected[rel] = sum(int(hetero[e].edge_index.shape[1]) for e in hetero.edge_types
+                                    if e[0] == "entity" and e[2] == "entity")
+            else:
+                expected[rel] = int(hetero[et.pyg].edge_index.shape[1]) if et.pyg in hetero.edge_types else 0
+        t = time.perf_counter()
+        nodes, rels = dataset_frames(state["ds"], events=state["events"])
+        frames_s = time.perf_counter() - t
+        home = work / "neo4j_home"
+        shutil.rmtree(home, ignore_errors=True)
+        server = Neo4jServer(home, heap=args.neo4j_heap, pagecache="1g", remove_home=True)
+        out: dict[str, Any] = {"frames_s": round(frames_s, 1)}
+        try:
+            with ChildPeakRSS() as importer_rss:
+                info = bulk_import(server, nodes, rels, work_dir=work / "neo4j_csv", heap=args.neo4j_heap,
+                                   max_off_heap="4g", start=False)
+            shutil.rmtree(work / "neo4j_csv", ignore_errors=True)
+            n_rels = sum(len(v) for v in rels.values())
+            del nodes, rels
+            gc.collect()
+            with ChildPeakRSS() as server_rss:
+                t = time.perf_counter()
+                server.start()
+                start_s = time.perf_counter() - t
+                with Neo4jStore(server.uri, server.user, server.password, progress=False) as store:
+                    t = time.perf_counter()
+                    counts = store.counts()
+                    counts_s = time.perf_counter() - t
+                    # path queries (User -> Item, at most 3 hops) between sampled users and items they bought
+                    buys = hetero[("user", "purchased", "item")].edge_index.numpy()
+                    pick = np.random.default_rng(3).choice(buys.shape[1], 5, replace=False)
+                    path_s, n_paths = [], []
+                    for k in pick:
+                        u, i = ids["user"][int(buys[0, k])], ids["item"][int(buys[1, k])]
+                        t = time.perf_counter()
+                        found = store.paths(("User", u), ("Item", i), max_hops=3, limit=10)
+                        path_s.append(time.perf_counter() - t)
+                        n_paths.append(len(found))
+                    t = time.perf_counter()
+                    nb = store.neighbours(("Item", ids["item"][0]))
+                    neighbours_s = time.perf_counter() - t
+            mismatched = {k: {"neo4j": counts.get(k), "export": v} for k, v in expected.items() if counts.get(k) != v}
+            out.update({
+                "server": f"Neo4j {server.version} Community (local, neo4j-admin database import full)",
+                "nodes": sum(counts[k] for k in NODE_LABELS), "relationships": n_rels,
+                "counts_equal_column_wise_graph": not mismatched, "mismatched_counts": mismatched,
+                "csv_write_s": round(info["csv_s"], 1), "import_s": round(info["import_s"], 1),
+                "relationships_per_s_import": round(n_rels / info["import_s"]),
+                "server_start_s": round(start_s, 1), "counts_query_s": round(counts_s, 1),
+                "path_queries": len(path_s), "paths_found": n_paths,
+                "path_query_ms": [round(x * 1000, 1) for x in path_s],
+                "neighbours_ms": round(neighbours_s * 1000, 1), "item_neighbours": len(nb),
+                "store_mib": round(info["store_bytes"] / 2**20),
+                "importer_peak_rss_mib": round(importer_rss.peak_mib),
+                "server_peak_rss_mib": round(server_rss.peak_mib),
+                "heap": args.neo4j_heap, "pagecache": "1g",
+                "memory_note": "peak_rss_mib: this Python process (frames + the run's state); importer_/server_peak_rss"
+                               "_mib: the child JVMs sampled every 0.1 s (the importer runs while the frames are "
+                               "held; the server after they are freed)",
+            })
+        finally:
+            server.stop()
+            shutil.rmtree(work / "neo4j_csv", ignore_errors=True)
+            shutil.rmtree(home, ignore_errors=True)
+        gc.collect()
+        return out
+
+    def images_stage() -> dict[str, Any]:
+        """Encode the subset's images with the packaged ClipEncoder (EfficientNet-Lite0 tower) through the real
+        image path; the input size is chosen on a sample (64 px if within 2 points of 128 px on category and colour
+        1-NN accuracy). Vectors go to a memory-mapped .npy."""
+        from encoders.clip import ClipEncoder
+
+        torch.set_num_threads(2)
+        ds = state["ds"]
+        items = ds.table("items").select(["item_id", "category", "attributes", "image"]).to_pandas()
+        if list(items["item_id"].astype(str)) != state["id_maps"]["item"][:len(items)]:
+            raise RuntimeError("items table order differs from the graph's item index: align before encoding")
+        refs = items["image"].to_numpy(dtype=object)
+        rows = np.flatnonzero([isinstance(r, str) and bool(r) for r in refs])
+        if not len(rows):
+            return {"images": 0, "note": "the catalog has no images"}
+        paths = [str(ds.image_path(refs[r])) for r in rows]
+        labels = {"category": items["category"].astype(str).to_numpy()[rows],
+                  "colour": items["attributes"].astype(str).str.extract(r'"colou?r": ?"([^"]*)"')[0]
+                  .astype(str).to_numpy()[rows]}
+        del items, refs
+        rng = np.random.default_rng(0)
+        sample = np.sort(rng.choice(len(rows), min(args.image_sample, len(rows)), replace=False))
+        sample_paths = [paths[k] for k in sample]
+        by_size: dict[int, dict[str, Any]] = {}
+        encoders: dict[int, Any] = {}
+        for px in (64, 128, 224):
+            enc = ClipEncoder(image_size=px, device="cpu", batch_size=128)
+            n = len(sample_paths) if px != 224 else min(256, len(sample_paths))
+            enc.encode_images_with_status(sample_paths[:32])  # warm-up
+            t = time.perf_counter()
+            v, reasons = enc.encode_images_with_status(sample_paths[:n])
+            rate = n / (time.perf_counter() - t)
+            by_size[px] = {"sample": n, "images_per_s": round(rate, 1),
+                           "extrapolated_subset_s": round(len(rows) / rate, 0),
+                           "failures": sum(r is not None for r in reasons)}
+            if px != 224:
+                by_size[px].update(neighbour_accuracy(v, {k: y[sample] for k, y in labels.items()}, np.arange(n)))
+                encoders[px] = enc
+        acc = lambda px, k: by_size[px][f"{k}_1nn_accuracy"]  # noqa: E731
+        close = all(acc(64, k) >= acc(128, k) - 0.02 for k in labels)
+        chosen = args.image_size or (64 if close else 128)
+        over_budget = (not args.image_size and chosen == 128
+                       and by_size[128]["extrapolated_subset_s"] > args.image_budget_s)
+        if over_budget:  # the machine is slower than planned for: keep the run within its time
+            chosen = 64
+        enc = encoders.get(chosen) or ClipEncoder(image_size=chosen, device="cpu", batch_size=128)
+        encoders.clear()
+        out_path = work / "item_image.npy"
+        vectors = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(len(rows), enc.dim))
+        failed = np.zeros(len(rows), dtype=bool)
+        reasons_seen: dict[str, int] = {}
+        t = time.perf_counter()
+        chunk = 8192
+        for s_ in range(0, len(rows), chunk):
+            v, reasons = enc.encode_images_with_status(paths[s_:s_ + chunk])
+            vectors[s_:s_ + len(v)] = v
+            for k, r in enumerate(reasons):
+                if r is not None:
+                    failed[s_ + k] = True
+                    reasons_seen[r.split(":")[0]] = reasons_seen.get(r.split(":")[0], 0) + 1
+        encode_s = time.perf_counter() - t
+        vectors.flush()
+        del vectors
+        np.save(work / "item_image_items.npy", rows)
+        mm = np.load(out_path, mmap_mode="r")
+        keep = np.flatnonzero(~failed)
+        state["image"] = (mm if len(keep) == len(rows) else np.asarray(mm[keep]), rows[keep])
+        return {"encoder": f"{enc.model_id} (packaged EfficientNet-Lite0 tower, random projection)",
+                "images": len(rows), "failures": int(failed.sum()), "failure_reasons": reasons_seen,
+                "chosen_image_size": chosen,
+                "choice_rule": "64 px if its category and colour 1-NN accuracy are within 0.02 of 128 px, else 128 "
+                               f"(unless 128 px would take over {args.image_budget_s:.0f} s)",
+                "accuracy_within_0.02_at_64": close, "fell_back_to_64_for_time": bool(over_budget),
+                "by_image_size": {str(k): v for k, v in by_size.items()},
+                "encode_s": round(encode_s, 1), "images_per_s": round(len(rows) / encode_s, 1),
+                "vectors": f"{out_path.name} ({len(rows)}, {enc.dim}) float32, memory-mapped", "device": "cpu"}
+
     def train_stage() -> dict[str, Any]:
         from fusion.baselines import Popularity
         from fusion.metrics import evaluate, to_csr
@@ -387,7 +557,11 @@ def main(argv: list[str] | None = None) -> dict:
         tr, va, te = (pairs[pairs["split"] == k] for k in (0, 1, 2))
         tu, ti = tr["u"].to_numpy(), tr["i"].to_numpy()
         text = None if args.no_text else np.asarray(state["text"])
-        feats = propagate_features(U, I, tu, ti, content=text, graph=None if args.no_kg else state["hetero"])
+        image = None if args.no_image_features else state.get("image")
+        feats = propagate_features(U, I, tu, ti, content=text, graph=None if args.no_kg else state["hetero"],
+                                   image_vectors=None if image is None else image[0],
+                                   image_items=None if image is None else image[1])
+        feature_blocks = {k: b - a for k, (a, b) in feats.blocks.items()}
         cfg = ScaleTrainConfig(dim=args.dim, hidden=args.hidden, epochs=args.epochs, batch_size=args.batch_size,
                                lr=args.lr, pairs_per_epoch=args.pairs_per_epoch, num_negatives=args.negatives,
                                max_eval_users=args.eval_users, time_budget_s=args.train_budget_s,
@@ -420,6 +594,8 @@ def main(argv: list[str] | None = None) -> dict:
         h = model.history
         info = {"model": "fusion.scale two-tower over propagated features (SIGN-style, no per-step propagation)",
                 "config": model.config, "split_s": round(split_s, 1), "features_s": round(model.feature_seconds, 1),
+                "feature_blocks": feature_blocks,
+                "items_with_image_features": 0 if image is None else int(len(image[1])),
                 "train_pairs": len(tr), "valid_pairs": len(va), "test_pairs": len(te), "epochs": len(h),
                 "pairs_per_epoch": h[0]["pairs"] if h else 0,
                 "epoch_train_s": [round(x["train_seconds"], 1) for x in h],
@@ -539,8 +715,13 @@ def main(argv: list[str] | None = None) -> dict:
         return {"requests": args.requests, "candidates": 200, "p50_ms": round(float(np.percentile(lat_ms, 50)), 1),
                 "p99_ms": round(float(np.percentile(lat_ms, 99)), 1), "torch_threads": 1}
 
-    stages = [("generate", generate), ("ingest", ingest_stage), ("kg", kg_stage), ("encode", encode_stage),
-              ("train", train_stage), ("rank", rank_stage), ("recommend", recommend_stage)]
+    stages = [("generate", generate), ("ingest", ingest_stage), ("kg", kg_stage), ("neo4j", neo4j_stage),
+              ("encode", encode_stage), ("images", images_stage), ("train", train_stage), ("rank", rank_stage),
+              ("recommend", recommend_stage)]
+    if args.no_neo4j:
+        stages = [st for st in stages if st[0] != "neo4j"]
+    if args.no_image_features:
+        stages = [st for st in stages if st[0] != "images"]
     if args.reuse and (work / "ds" / "manifest.json").is_file():
         stages = stages[2:]
         result["notes"].append(f"generate/ingest reused from {work}")
