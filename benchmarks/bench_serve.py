@@ -154,12 +154,14 @@ def prefill_text_cache(ds_dir: Path, cfg: Any, cache: Path, batch: int = 256) ->
 
 
 def start_server(bundle: Path, port: int, timeout_s: float = 900.0, workers: int = 1,
-                 max_batch: int | None = None) -> subprocess.Popen:
+                 max_batch: int | None = None, query_bf16: bool = False) -> subprocess.Popen:
     import httpx
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if max_batch is not None:
         env["KGREC_SERVE__MAX_BATCH"] = str(max_batch)
+    if query_bf16:
+        env["KGREC_SERVE__QUERY_BF16"] = "true"
     proc = subprocess.Popen(
         [sys.executable, "-m", "kgrec.cli", "serve", "--bundle", str(bundle), "--port", str(port),
          "--log-level", "warning"] + (["--workers", str(workers)] if workers > 1 else []),
@@ -388,6 +390,59 @@ def profile_requests(bundle: Path, n: int = 40, seed: int = 0) -> dict[str, Any]
     return out
 
 
+def bf16_agreement(bundle: Path, n: int = 1000, k: int = 10, batch: int = 32, seed: int = 0) -> dict[str, Any]:
+    """How far ``serve.query_bf16`` (bfloat16 query encoders) moves search results from the float32 answer.
+
+    ``n`` seeded queries drawn like the load test's (3 words of item titles and attribute values), answered both
+    ways in batches of ``batch``: mean recall@k (share of the float32 top-k also in the bf16 top-k), share of
+    queries with the identical ranked top-k, mean |score difference| over items in both, and the cosine between
+    the two query vectors; plus the time per query of each encoding (one thread).
+    """
+    import torch
+
+    from kgrec.pipeline import Recommender
+
+    torch.set_num_threads(1)
+    rec = Recommender.load(bundle)
+    words = search_words(bundle)
+    rng = random.Random(seed)
+    texts = list(dict.fromkeys(" ".join(rng.sample(words, min(3, len(words)))) for _ in range(n)))
+    rec.search_batch(["warm up", "warm up batch"], k=1)
+    rec.search_batch(["warm up", "warm up batch"], k=1, query_bf16=True)
+    recall, same, diffs, cos, secs = [], [], [], [], {False: 0.0, True: 0.0}
+    for a in range(0, len(texts), batch):
+        chunk = texts[a : a + batch]
+        got = {}
+        for bf16 in (False, True):
+            t = time.perf_counter()
+            vecs = rec._query_vectors("text", chunk, bf16)
+            secs[bf16] += time.perf_counter() - t
+            got[bf16] = (np.stack(vecs), rec.search_batch(chunk, k, query_bf16=bf16))
+        cos.extend((got[False][0] * got[True][0]).sum(axis=1).tolist())
+        for exact, approx in zip(got[False][1], got[True][1]):
+            e, p = [r.item_id for r in exact], [r.item_id for r in approx]
+            recall.append(len(set(e) & set(p)) / len(e))
+            same.append(e == p)
+            sp = {r.item_id: r.score for r in approx}
+            diffs.extend(abs(r.score - sp[r.item_id]) for r in exact if r.item_id in sp)
+    out = {"queries": len(texts), "k": k, "recall_at_k": float(np.mean(recall)),
+           "min_recall_at_k": float(np.min(recall)), "identical_top_k_share": float(np.mean(same)),
+           "mean_abs_score_diff": float(np.mean(diffs)), "min_query_cosine": float(np.min(cos)),
+           "encode_ms_per_query": {"float32": round(secs[False] / len(texts) * 1e3, 3),
+                                   "bf16": round(secs[True] / len(texts) * 1e3, 3)},
+           "cpu_bf16_flags": _cpu_bf16_flags()}
+    print("  query_bf16 vs float32: " + ", ".join(f"{k_} {v}" for k_, v in out.items()), flush=True)
+    return out
+
+
+def _cpu_bf16_flags() -> list[str]:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags.split() if "bf16" in f or f.startswith("amx"))
+
+
 def screenshot(base: str, path: Path, search: str | None = None) -> None:
     """Open the page in headless Chromium, recommend for the most active user, pick a result whose explanation
     has KG paths, and save a PNG of the page."""
@@ -420,13 +475,14 @@ def screenshot(base: str, path: Path, search: str | None = None) -> None:
 
 def run(bundle: Path, label: str, clients: int, duration: float, warmup: float, port: int,
         shot: Path | None = None, *, generator: str = "httpx", workers: int = 1, max_batch: int | None = None,
-        endpoints: tuple[str, ...] = ("recommend", "recommend_explain", "search")) -> dict[str, Any]:
+        endpoints: tuple[str, ...] = ("recommend", "recommend_explain", "search"),
+        query_bf16: bool = False) -> dict[str, Any]:
     import httpx
     import pandas as pd
 
     users = pd.read_parquet(bundle / "idmaps" / "users.parquet").iloc[:, 0].astype(str).tolist()
     words = search_words(bundle)
-    proc = start_server(bundle, port, workers=workers, max_batch=max_batch)
+    proc = start_server(bundle, port, workers=workers, max_batch=max_batch, query_bf16=query_bf16)
     try:
         base = f"http://127.0.0.1:{port}"
         health = httpx.get(base + "/health").json()
@@ -439,13 +495,15 @@ def run(bundle: Path, label: str, clients: int, duration: float, warmup: float, 
         }
         out: dict[str, Any] = {"bundle": str(bundle), "items": health["items"], "users": health["users"],
                                "store": health["store"], "load_generator": generator, "server_workers": workers,
-                               "max_batch": max_batch, "endpoints": {}}
+                               "max_batch": max_batch, "query_bf16": query_bf16, "endpoints": {}}
         for name in endpoints:
             make = phases[name]
             load_before = os.getloadavg()[0]
             if generator == "wrk":
                 rng = random.Random(0)
-                res = _wrk_phase(base, [make(rng) for _ in range(4000)], clients, duration, warmup, seed=0)
+                paths = [make(rng) for _ in range(4000)]
+                res = _wrk_phase(base, paths, clients, duration, warmup, seed=0)
+                res["distinct_paths"] = len(set(paths))  # of 4000 drawn; the service caches 1024 query texts
             else:
                 res = asyncio.run(_phase(base, make, clients, duration, warmup))
             # other work on the machine shares the CPUs: record how busy it was (1-min load average)
@@ -477,6 +535,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="kgrec serve --workers")
     ap.add_argument("--max-batch", type=int, default=None, help="serve.max_batch (default: the config's)")
     ap.add_argument("--endpoints", default="recommend,recommend_explain,search")
+    ap.add_argument("--query-bf16", action="store_true",
+                    help="serve with serve.query_bf16 (approximate: bfloat16 query encoders)")
+    ap.add_argument("--recall", type=int, default=0, metavar="N",
+                    help="only compare N seeded search queries, query_bf16 vs float32 (recall@10, same order)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only time N requests per endpoint in-process, by stage (no load test)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -486,6 +548,14 @@ def main() -> None:
     bundle = args.bundle or build_bundle(args.workdir, args.build_items, args.build_users, args.epochs)
     if args.build_only:
         print(f"bundle ready: {bundle}")
+        return
+    if args.recall:
+        res = bf16_agreement(bundle, args.recall)
+        data = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        res["loadavg_1min"] = round(os.getloadavg()[0], 2)
+        res["command"] = "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:])
+        data.setdefault("query_bf16_agreement", {})[args.label or str(bundle)] = res
+        _write_json(args.out, data)
         return
     if args.profile:
         prof = profile_requests(bundle, args.profile)
@@ -502,7 +572,7 @@ def main() -> None:
     load_before = [round(x, 2) for x in os.getloadavg()]
     res = run(bundle, args.label or "bundle", args.clients, args.duration, args.warmup, port, args.screenshot,
               generator=args.generator, workers=args.workers, max_batch=args.max_batch,
-              endpoints=tuple(args.endpoints.split(",")))
+              endpoints=tuple(args.endpoints.split(",")), query_bf16=args.query_bf16)
     res["loadavg_before_after"] = [load_before, [round(x, 2) for x in os.getloadavg()]]
     res["command"] = "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:])
     build_info = bundle.parent / "build.json"

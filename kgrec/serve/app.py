@@ -229,9 +229,9 @@ def _recommend_many(rec: Any, explain: bool) -> Callable[[Sequence[tuple[str, in
     return run
 
 
-def _search_many(rec: Any) -> Callable[[Sequence[tuple[str, int]]], list[Any]]:
+def _search_many(rec: Any, query_bf16: bool = False) -> Callable[[Sequence[tuple[str, int]]], list[Any]]:
     def run(items: Sequence[tuple[str, int]]) -> list[Any]:
-        return rec.search_batch([t for t, _ in items], [k for _, k in items])
+        return rec.search_batch([t for t, _ in items], [k for _, k in items], query_bf16=query_bf16)
 
     return run
 
@@ -251,7 +251,7 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
     batcher = MicroBatcher(max_batch=cfg.max_batch)
     max_k, max_chars = cfg.max_k, cfg.max_query_chars
     batch_recommend = {False: _recommend_many(rec, False), True: _recommend_many(rec, True)}
-    batch_search = _search_many(rec)
+    batch_search = _search_many(rec, cfg.query_bf16)
 
     activity = rec.events["user_id"].value_counts() if len(rec.events) else pd.Series(dtype=int)
     known = set(rec.user_ids)
@@ -418,7 +418,7 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     if warmup:
-        _warm(rec)
+        _warm(rec, cfg.query_bf16)
     return app
 
 
@@ -471,7 +471,7 @@ def limit_threads(n: int) -> None:
     threadpool_limits(n)
 
 
-def _warm(rec: Any) -> None:
+def _warm(rec: Any, query_bf16: bool = False) -> None:
     """Build the lazy caches once (ranking context, explainer, encoders) so requests do not pay for them."""
     t0 = time.perf_counter()
     try:
@@ -481,7 +481,7 @@ def _warm(rec: Any) -> None:
             if recs and rec.ranker is not None:
                 rec.explain(user, recs[0].item_id)
         rec.search(text="warm up", k=1)
-        rec.search_batch(["warm up", "warm up batch"], k=1)  # the batched products
+        rec.search_batch(["warm up", "warm up batch"], k=1, query_bf16=query_bf16)  # the batched products
         if len(rec.user_ids) > 1 and rec.ranker is not None:
             rec.recommend_batch(rec.user_ids[:2], 1)
     except KgrecError as exc:  # a bundle that cannot do everything still serves what it can

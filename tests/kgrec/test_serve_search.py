@@ -173,3 +173,43 @@ def test_top_k_rows_equals_a_full_stable_argsort_per_row(rows, width, levels, se
     ks = data.draw(st.lists(st.integers(1, width + 3), min_size=rows, max_size=rows))
     for row, k, got in zip(scores, ks, _top_k_rows(scores, ks)):
         np.testing.assert_array_equal(got, np.argsort(-row, kind="stable")[:k])
+
+
+def test_query_bf16_is_a_close_approximation_cached_apart(serve_recommender):
+    """``serve.query_bf16``: bfloat16 query vectors close to the float32 ones (the tiny test BERT's), kept apart in
+    the query cache, and a search that mostly agrees; the default stays float32."""
+    rec = _variant(serve_recommender)
+    exact = np.stack(rec._query_vectors("text", QUERIES))
+    approx = np.stack(rec._query_vectors("text", QUERIES, bf16=True))
+    assert not np.array_equal(exact, approx)
+    assert (exact * approx).sum(axis=1).min() > 0.99
+    np.testing.assert_array_equal(np.stack(rec._query_vectors("text", QUERIES)), exact)  # cache not mixed
+    assert {kind for kind, _ in rec._query_cache} == {"text", "text:bf16"}
+    full = rec.search_batch(QUERIES, 10)
+    fast = rec.search_batch(QUERIES, 10, query_bf16=True)
+    overlap = [len({r.item_id for r in a} & {r.item_id for r in b}) / 10 for a, b in zip(full, fast)]
+    assert np.mean(overlap) >= 0.8
+    _check(full[0], _full_search(rec, QUERIES[0], 10))
+
+
+def test_service_passes_query_bf16_from_the_config(serve_recommender, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from kgrec.config import ServeConfig
+    from kgrec.serve.app import create_app
+
+    rec = _variant(serve_recommender)
+    seen = []
+    original = rec.search_batch
+
+    def spy(texts, k=10, *, query_bf16=False):
+        seen.append(query_bf16)
+        return original(texts, k, query_bf16=query_bf16)
+
+    monkeypatch.setattr(rec, "search_batch", spy)
+    for flag in (False, True):
+        seen.clear()
+        with TestClient(create_app(rec, ServeConfig(query_bf16=flag), warmup=False)) as client:
+            r = client.get("/search", params={"text": "red cotton shirt", "k": 5})
+        assert r.status_code == 200 and len(r.json()["results"]) == 5
+        assert seen == [flag]
