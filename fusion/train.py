@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from kgrec.config import FusionConfig
-from kgrec.errors import BundleError, DataError
+from kgrec.errors import BundleError, ConfigError, DataError
 from fusion.fusion import MODALITIES, ModalityFusion
 from fusion.gnn import KGFusionGNN, build_relational_graph
 from fusion.metrics import evaluate, to_csr
@@ -107,22 +107,42 @@ def fit_embeddings(
     forward_kwargs: Callable[[bool], dict[str, Any]] | None = None,
     device: torch.device | None = None,
     progress: bool = False,
+    distributed: bool = False,
 ) -> list[EpochRecord]:
     """Train any module whose ``forward(**kw)`` returns ``(users (U,d), items (I,d), ego (U+I+.., d), extra)``.
 
     ``ego`` rows ``[0, U)`` are users' and ``[U, U+I)`` items' layer-0 vectors (regularised). The best validation
     state is loaded back into ``model`` at the end. Returns the per-epoch history.
+
+    ``distributed=True`` (inside an initialised ``torch.distributed`` process group; ``kgrec.distributed.ddp``):
+    ``model`` is wrapped in ``DistributedDataParallel``; every rank draws the same permutation and negatives from the
+    same seeded generator and takes its contiguous shard of each global batch (``torch.tensor_split``), its loss
+    scaled by ``shard / batch * world_size`` so that DDP's gradient average equals the single-process batch gradient;
+    early stopping is decided on rank 0 and broadcast. With one process the two paths are the same computation.
     """
-    device = device or resolve_device(cfg.device)
+    if distributed:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if not dist.is_initialized():
+            raise ConfigError("distributed training needs a process group: call init_distributed() or use spawn()")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = device or torch.device("cpu")
+    else:
+        rank, world = 0, 1
+        device = device or resolve_device(cfg.device)
     seed_everything(cfg.seed)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     model.to(device)
+    net: nn.Module = model
+    if distributed:
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     tu = torch.as_tensor(np.asarray(train_users), dtype=torch.long)
     ti = torch.as_tensor(np.asarray(train_items), dtype=torch.long)
     n = len(tu)
     if n == 0:
         raise DataError("no training interactions to learn from")
-    opt = adam(model.parameters(), cfg.lr, device)
+    opt = adam(net.parameters(), cfg.lr, device)
     train_csr = to_csr(tu.numpy(), ti.numpy(), (num_users, num_items))
     eval_users = None
     if valid is not None and valid.nnz:
@@ -133,46 +153,67 @@ def fit_embeddings(
     best, best_state, since_best = -1.0, None, 0
     kw = forward_kwargs or (lambda training: {})
     epochs = range(cfg.epochs)
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        epochs = tqdm(epochs, desc="train", unit="epoch")
+        epochs = tqdm(epochs, desc="train" if world == 1 else f"train (ddp x{world})", unit="epoch")
     for epoch in epochs:
-        model.train()
+        net.train()
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen)
-        total = 0.0
+        total = torch.zeros(1, dtype=torch.float64)
         for start in range(0, n, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
-            bu, bi = tu[idx].to(device), ti[idx].to(device)
+            b = len(idx)
+            # negatives for the whole (global) batch, drawn identically on every rank, sharded with the rows
             if cfg.loss == "bpr":
-                bj = torch.randint(0, num_items, (len(idx), cfg.num_negatives), generator=gen).to(device)
+                neg = torch.randint(0, num_items, (b, cfg.num_negatives), generator=gen)
             else:
-                bj = torch.randint(0, num_items, (cfg.num_negatives,), generator=gen).to(device)
-            users, items, ego, _ = model(**kw(True))
-            loss = batch_loss(users, items, bu, bi, bj, cfg)
-            if cfg.weight_decay:
-                reg = ego[bu].pow(2).sum() + ego[num_users + bi].pow(2).sum() + ego[num_users + bj].pow(2).sum()
-                loss = loss + cfg.weight_decay * reg / (2 * len(idx))
+                neg = torch.randint(0, num_items, (cfg.num_negatives,), generator=gen)
+            rows = torch.tensor_split(torch.arange(b), world)[rank] if distributed else None
+            users, items, ego, _ = net(**kw(True))
+            if rows is not None and len(rows) == 0:  # fewer rows than ranks in a last batch: a zero gradient
+                loss = 0.0 * (users.sum() + items.sum())
+            else:
+                sel = idx if rows is None else idx[rows]
+                bu, bi = tu[sel].to(device), ti[sel].to(device)
+                bj = (neg if rows is None or cfg.loss != "bpr" else neg[rows]).to(device)
+                loss = batch_loss(users, items, bu, bi, bj, cfg)
+                if rows is not None:
+                    loss = loss * (len(sel) / b)
+                if cfg.weight_decay:
+                    reg = ego[bu].pow(2).sum() + ego[num_users + bi].pow(2).sum() + ego[num_users + bj].pow(2).sum()
+                    loss = loss + cfg.weight_decay * reg / (2 * b)
+                total += float(loss.detach()) * b
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages gradients over ranks: x world turns the average into the batch sum
+            (loss * world if distributed else loss).backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+        if distributed:
+            dist.all_reduce(total)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        rec = EpochRecord(epoch, total / n, time.perf_counter() - t0)
+        rec = EpochRecord(epoch, float(total.item()) / n, time.perf_counter() - t0)
         if valid is not None and valid.nnz:
-            model.eval()
-            with torch.no_grad():
-                users, items, _, _ = model(**kw(False))
-            heldout, exclude = (valid, train_csr) if eval_users is None else (_rows_only(valid, eval_users), train_csr)
-            rec.valid = evaluate(lambda u: users[u.to(device)] @ items.T, heldout, exclude, ks=(20,), device=device)
-            score = rec.valid["ndcg@20"]
+            decision = torch.zeros(1, dtype=torch.float64)
+            if rank == 0:
+                model.eval()
+                with torch.no_grad():
+                    users, items, _, _ = model(**kw(False))
+                heldout = valid if eval_users is None else _rows_only(valid, eval_users)
+                rec.valid = evaluate(lambda u: users[u.to(device)] @ items.T, heldout, train_csr, ks=(20,),
+                                     device=device)
+                decision[0] = rec.valid["ndcg@20"]
+            if distributed:
+                dist.broadcast(decision, src=0)
+            score = float(decision[0])
+            rec.valid = rec.valid or {"ndcg@20": score}
             if score >= best:
                 best, best_state, since_best = score, copy.deepcopy(model.state_dict()), 0
             else:
                 since_best += 1
-            logger.info("epoch %d loss %.4f (%.2fs) valid ndcg@20 %.4f", epoch, rec.loss, rec.train_seconds, score)
+            if rank == 0:
+                logger.info("epoch %d loss %.4f (%.2fs) valid ndcg@20 %.4f", epoch, rec.loss, rec.train_seconds, score)
         history.append(rec)
         if valid is not None and valid.nnz and since_best >= cfg.patience:
             break
@@ -384,6 +425,8 @@ def train_model(
     valid: tuple[np.ndarray, np.ndarray] | None = None,
     config: FusionConfig | None = None,
     progress: bool = False,
+    device: torch.device | None = None,
+    distributed: bool = False,
 ) -> TrainedModel:
     """Train the relation-aware GNN with fused item inputs and return a ``TrainedModel``.
 
@@ -396,13 +439,17 @@ def train_model(
         image_present: optional (num_items,) bool, False for items whose image row is a placeholder.
         valid: optional (users, items) validation pairs for early stopping (and the hybrid weight choice).
         config: ``FusionConfig``; ``use_kg`` / ``use_text`` / ``use_image`` switch the ablations.
+        device: default ``config.device`` resolved (``cpu`` when distributed).
+        distributed: train with DDP inside an initialised process group (``fit_embeddings``); every rank returns the
+            same model. The EASE hybrid term is not fitted then (a single-machine dense inverse): add it afterwards
+            with ``add_ease_term`` if wanted.
     """
     cfg = config or FusionConfig()
-    if cfg.trainer == "scale":
+    if cfg.trainer == "scale" and not distributed:
         return train_scale_as_trained_model(
             num_users, num_items, train_users, train_items, graph=graph, text=text, image=image,
             image_present=image_present, valid=valid, config=cfg, progress=progress)
-    device = resolve_device(cfg.device)
+    device = device or (torch.device("cpu") if distributed else resolve_device(cfg.device))
     seed_everything(cfg.seed)
     text = text if (cfg.use_text and text is not None) else None
     image = image if (cfg.use_image and image is not None) else None
@@ -437,7 +484,7 @@ def train_model(
     train_csr = to_csr(np.asarray(train_users), np.asarray(train_items), (num_users, num_items))
     history = fit_embeddings(
         model, num_users, num_items, train_users, train_items, cfg,
-        valid=valid_csr, forward_kwargs=forward_kwargs, device=device, progress=progress,
+        valid=valid_csr, forward_kwargs=forward_kwargs, device=device, progress=progress, distributed=distributed,
     )
     with torch.no_grad():
         users, items, _, weights = model(**forward_kwargs(False))
@@ -452,7 +499,7 @@ def train_model(
         fusion=model.fusion.cpu().eval(),
         num_layers=cfg.num_layers,
     )
-    if cfg.hybrid_ease and valid_csr is not None and num_items <= cfg.max_ease_items:
+    if cfg.hybrid_ease and valid_csr is not None and num_items <= cfg.max_ease_items and not distributed:
         add_ease_term(tm, valid_csr, cfg, device=device)
     return tm
 
