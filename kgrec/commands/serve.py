@@ -41,6 +41,10 @@ def serve(
         os.environ[ENV_CONFIG] = cfg.to_yaml()
         typer.echo(f"serving {bundle} with {cfg.serve.workers} worker processes on "
                    f"http://{cfg.serve.host}:{cfg.serve.port}/  (API docs: /docs)")
+        from kgrec.serve.workers import reuseport_supported, serve_workers
+
+        if reuseport_supported():  # one listening socket per worker: connections spread over the workers
+            raise typer.Exit(serve_workers(cfg.serve.workers, cfg.serve.host, cfg.serve.port, log_level=log_level))
         uvicorn.run("kgrec.serve.app:app_from_env", factory=True, host=cfg.serve.host, port=cfg.serve.port,
                     workers=cfg.serve.workers, log_level=log_level, access_log=False)
         return

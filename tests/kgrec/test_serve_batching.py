@@ -161,7 +161,8 @@ def test_serve_config_rejects_zero_batch():
 
 @pytest.mark.slow
 def test_kgrec_serve_workers_runs_that_many_processes(serve_recommender, tmp_path):
-    """`kgrec serve --workers 2`: two worker processes, each with the bundle loaded, answering requests."""
+    """`kgrec serve --workers 2`: two worker processes, each with the bundle loaded, answering requests, each
+    holding some of the clients' connections."""
     from tests.e2e.browser import free_port
 
     bundle = serve_recommender.save(tmp_path / "bundle")
@@ -190,6 +191,23 @@ def test_kgrec_serve_workers_runs_that_many_processes(serve_recommender, tmp_pat
         assert r.status_code == 200
         assert [x["item_id"] for x in r.json()["results"]] == [w.item_id for w in serve_recommender.recommend(user, 5)]
         assert len(workers) == 2 and len({w.pid for w in workers}) == 2
+        # 64 connections opened at once (as wrk or a proxy opens them) are spread over both workers (one listening
+        # socket per worker, SO_REUSEPORT: a hash of the addresses picks), not mostly accepted by whichever worker
+        # woke first (uvicorn's shared socket: 26 of 32 wrk connections on one worker, measured); more than 48 of
+        # 64 on one worker by chance: p < 1e-4
+        import socket
+
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(64)]
+        try:
+            for c in conns:
+                c.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert all(c.recv(65536).startswith(b"HTTP/1.1 200") for c in conns)
+            held = [sum(1 for c in w.net_connections(kind="tcp")
+                        if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port) for w in workers]
+            assert sum(held) == 64 and max(held) <= 48, held
+        finally:
+            for c in conns:
+                c.close()
     finally:
         proc.terminate()
         try:
