@@ -13,6 +13,7 @@ RecBole) is kept and training stops after ``patience`` epochs without improvemen
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -568,10 +569,12 @@ def train_scale_as_trained_model(
     features = propagate_features(num_users, num_items, np.asarray(train_users), np.asarray(train_items),
                                   content=None if text is None else np.asarray(text, dtype=np.float32), graph=kg,
                                   image_vectors=image_vectors, image_items=image_items)
-    scale_cfg = ScaleTrainConfig(
-        dim=cfg.dim, hidden=cfg.scale_hidden, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        num_negatives=cfg.num_negatives, temperature=cfg.temperature, patience=cfg.patience,
-        max_eval_users=cfg.max_eval_users, pairs_per_epoch=cfg.scale_pairs_per_epoch, seed=cfg.seed)
+    known = {f.name for f in dataclasses.fields(ScaleTrainConfig)}
+    unknown = sorted(set(cfg.scale_options) - known)
+    if unknown:
+        raise ConfigError(f"fusion.scale_options has unknown keys {unknown}; known: {sorted(known)}")
+    scale_cfg = ScaleTrainConfig(**{"dim": cfg.dim, "max_eval_users": cfg.max_eval_users, "seed": cfg.seed,
+                                    **cfg.scale_options})
     m = train_scale_model(num_users, num_items, train_users, train_items, features=features, valid=valid,
                           config=scale_cfg, progress=progress)
     used = np.array([text is not None, image_vectors is not None, "kg" in features.blocks], dtype=np.float32)

@@ -90,11 +90,12 @@ class FusionConfig(_Section):
     max_ease_items: int = 30_000  # EASE needs a dense items x items inverse; skipped above this
     # "gnn": the relation-aware GNN (full-graph propagation every step, fusion/train.py); "scale": features
     # propagated once + mini-batch two-tower training (fusion/scale.py), for catalogs of ~1M items where a GNN step
-    # over all edges takes seconds. scale uses dim/epochs/batch_size/lr/num_negatives/temperature/patience/
-    # max_eval_users/seed/use_* from this section; no EASE term, no cold-start vectors for new items (retrain).
+    # over all edges takes seconds. scale takes dim/max_eval_users/seed/use_* from this section and its own
+    # optimisation settings (fusion.scale.ScaleTrainConfig defaults, measured at 100k items: batch 4096, lr 0.002,
+    # 2048 negatives, temperature 0.1, 20 epochs, patience 3), overridden by scale_options, e.g.
+    # {"hidden": 0, "lr": 0.005, "pairs_per_epoch": 2000000}; no EASE term, no cold-start vectors for new items.
     trainer: Literal["gnn", "scale"] = "gnn"
-    scale_hidden: int = 128  # scale: tower MLP hidden size (0: linear towers)
-    scale_pairs_per_epoch: int | None = None  # scale: training pairs sampled per epoch (None: all)
+    scale_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class RankingConfig(_Section):

@@ -10,8 +10,8 @@ from fusion.metrics import evaluate, to_csr
 from kgrec.config import Config, FusionConfig
 from tests.fusion.test_scale import _graph
 
-SCALE = dict(trainer="scale", dim=16, scale_hidden=0, epochs=12, batch_size=256, num_negatives=64, lr=0.01,
-             patience=20, hybrid_ease=True)
+SCALE = dict(trainer="scale", dim=16, hybrid_ease=True,
+             scale_options=dict(hidden=0, epochs=12, batch_size=256, num_negatives=64, lr=0.01, patience=20))
 
 
 def test_train_model_with_scale_trainer(taste, tmp_path):
@@ -63,8 +63,9 @@ def test_recommender_fit_save_load_with_scale_trainer(demo_dataset, tmp_path):
     text = TextEncoder.from_config(dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                         intermediate_size=64), seed=0, max_length=32, batch_size=16, device="cpu")
     clip = ClipEncoder("kgrec-tiny-test", device="cpu", batch_size=32, seed=0)
-    cfg = Config.load(env={}, overrides={"fusion.trainer": "scale", "fusion.epochs": 8, "fusion.dim": 16,
-                                          "fusion.num_negatives": 64, "ranking.num_candidates": 50,
+    cfg = Config.load(env={}, overrides={"fusion.trainer": "scale", "fusion.dim": 16,
+                                          "fusion.scale_options": {"epochs": 8, "num_negatives": 64},
+                                          "ranking.num_candidates": 50,
                                           "encoders.cache_dir": str(tmp_path / "cache")})
     rec = Recommender.fit(demo_dataset, cfg, progress=False, encoders=(text, clip))
     assert rec.model.config["trainer"] == "scale"
@@ -77,3 +78,13 @@ def test_recommender_fit_save_load_with_scale_trainer(demo_dataset, tmp_path):
     back = Recommender.load(tmp_path / "bundle", encoders=(text, clip))
     assert back.model.config["trainer"] == "scale"
     assert [r.item_id for r in back.recommend(user, k=5)] == [r.item_id for r in recs]
+
+
+def test_scale_options_unknown_key_is_a_clear_error(taste):
+    from fusion.train import train_model
+    from kgrec.errors import ConfigError
+
+    t = taste
+    with pytest.raises(ConfigError, match="unknown keys \\['learning_rate'\\]"):
+        train_model(t.num_users, t.num_items, t.users, t.items, text=t.text,
+                    config=FusionConfig(trainer="scale", scale_options={"learning_rate": 0.1}))
