@@ -248,7 +248,7 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
     """
     cfg = config.serve if isinstance(config, Config) else (config or ServeConfig())
     rec = recommender
-    batcher = MicroBatcher(max_batch=cfg.max_batch)
+    batcher = MicroBatcher(max_batch=cfg.max_batch, gather_ms=cfg.batch_gather_ms)
     max_k, max_chars = cfg.max_k, cfg.max_query_chars
     batch_recommend = {False: _recommend_many(rec, False), True: _recommend_many(rec, True)}
     batch_search = _search_many(rec, cfg.query_bf16)

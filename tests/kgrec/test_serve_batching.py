@@ -159,6 +159,38 @@ def test_serve_config_rejects_zero_batch():
     assert ServeConfig().workers == 1 and ServeConfig().max_batch == 32
 
 
+def test_batcher_gathers_requests_that_are_still_arriving():
+    """Requests arriving a fraction of a millisecond apart (clients answering right after their previous batch)
+    join one batch while the batcher waits a gather step; a lone request is answered alone; gather_ms=0 takes
+    only what is queued."""
+    from kgrec.serve.batching import MicroBatcher
+
+    async def scenario(gather_ms: float, n: int) -> tuple[list[int], list[int]]:
+        batcher = MicroBatcher(max_batch=32, gather_ms=gather_ms)
+        sizes: list[int] = []
+
+        def fn(items):
+            sizes.append(len(items))
+            return [x * 10 for x in items]
+
+        async def arrive(i: int):
+            await asyncio.sleep(0.0002 * i)
+            return await batcher.submit("search", fn, i)
+
+        try:
+            return list(await asyncio.gather(*(arrive(i) for i in range(n)))), sizes
+        finally:
+            batcher.close()
+
+    results, sizes = asyncio.run(scenario(50.0, 6))  # steps far longer than the 1 ms of arrivals
+    assert results == [0, 10, 20, 30, 40, 50] and sizes == [6]
+    results, sizes = asyncio.run(scenario(50.0, 1))
+    assert results == [0] and sizes == [1]
+    with pytest.raises(ValueError, match="gather_ms"):
+        MicroBatcher(4, gather_ms=-1)
+    assert ServeConfig().batch_gather_ms == 1.0
+
+
 @pytest.mark.slow
 def test_kgrec_serve_workers_runs_that_many_processes(serve_recommender, tmp_path):
     """`kgrec serve --workers 2`: two worker processes, each with the bundle loaded, answering requests, each
