@@ -111,15 +111,8 @@ def write_import_csv(nodes: Mapping[str, Frame], relationships: Mapping[str, Fra
         if "id" not in df.columns:
             raise GraphStoreError(f"node rows for {label} have no 'id' column (columns: {list(df.columns)})")
         df = df.assign(id=df["id"].astype(str)).drop_duplicates("id", keep="last")
-        header, cols = [f"id:ID({label})"], [df["id"]]
-        for col in df.columns:
-            if col == "id":
-                continue
-            s, suffix = _typed(df, col)
-            header.append(f"{col}{suffix}")
-            cols.append(s)
         h, d = out / "nodes" / f"{label}.header.csv", out / "nodes" / f"{label}.csv"
-        written[label], nl = _write_csv(header, cols, h, d)
+        written[label], nl = _write_typed_csv(df, [f"id:ID({label})"], ["id"], h, d)
         multiline = multiline or nl
         args.append(f"--nodes={label}={h},{d}")
     for rel, data in relationships.items():
@@ -135,20 +128,28 @@ def write_import_csv(nodes: Mapping[str, Frame], relationships: Mapping[str, Fra
         df = df.assign(src=df["src"].astype(str), dst=df["dst"].astype(str))
         key = ["src", "dst", "relation"] if rel == "ENTITY_RELATION" else ["src", "dst"]
         df = df.drop_duplicates(key, keep="last")
-        header, cols = [f":START_ID({et.src})", f":END_ID({et.dst})"], [df["src"], df["dst"]]
-        for col in df.columns:
-            if col in ("src", "dst"):
-                continue
-            s, suffix = _typed(df, col)
-            header.append(f"{col}{suffix}")
-            cols.append(s)
         h, d = out / "rels" / f"{rel}.header.csv", out / "rels" / f"{rel}.csv"
-        written[rel], nl = _write_csv(header, cols, h, d)
+        written[rel], nl = _write_typed_csv(df, [f":START_ID({et.src})", f":END_ID({et.dst})"], ["src", "dst"], h, d)
         multiline = multiline or nl
         args.append(f"--relationships={rel}={h},{d}")
     if multiline:  # quoted values with line breaks: the importer must not split input at newlines
         args.append("--multiline-fields=true")
     return args, written
+
+
+def _write_typed_csv(df: pd.DataFrame, id_header: list[str], id_cols: list[str], header_path: Path,
+                     data_path: Path) -> tuple[int, bool]:
+    """Write ``df`` as an importer header + data file: the id columns first (``id_header`` names them, e.g.
+    ``id:ID(Item)`` or ``:START_ID(User)``/``:END_ID(Item)``), then every other column as a typed property.
+    Returns (rows written, whether a value contains a line break)."""
+    header, cols = list(id_header), [df[c] for c in id_cols]
+    for col in df.columns:
+        if col in id_cols:
+            continue
+        s, suffix = _typed(df, col)
+        header.append(f"{col}{suffix}")
+        cols.append(s)
+    return _write_csv(header, cols, header_path, data_path)
 
 
 def graph_rows_frames(rows: GraphRows) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
