@@ -154,7 +154,8 @@ def prefill_text_cache(ds_dir: Path, cfg: Any, cache: Path, batch: int = 256) ->
 
 
 def start_server(bundle: Path, port: int, timeout_s: float = 900.0, workers: int = 1,
-                 max_batch: int | None = None, query_bf16: bool = False) -> subprocess.Popen:
+                 max_batch: int | None = None, query_bf16: bool = False,
+                 query_runtime: str | None = None) -> subprocess.Popen:
     import httpx
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -162,6 +163,8 @@ def start_server(bundle: Path, port: int, timeout_s: float = 900.0, workers: int
         env["KGREC_SERVE__MAX_BATCH"] = str(max_batch)
     if query_bf16:
         env["KGREC_SERVE__QUERY_BF16"] = "true"
+    if query_runtime is not None:
+        env["KGREC_SERVE__QUERY_RUNTIME"] = query_runtime
     proc = subprocess.Popen(
         [sys.executable, "-m", "kgrec.cli", "serve", "--bundle", str(bundle), "--port", str(port),
          "--log-level", "warning"] + (["--workers", str(workers)] if workers > 1 else []),
@@ -512,13 +515,14 @@ def screenshot(base: str, path: Path, search: str | None = None) -> None:
 def run(bundle: Path, label: str, clients: int, duration: float, warmup: float, port: int,
         shot: Path | None = None, *, generator: str = "httpx", workers: int = 1, max_batch: int | None = None,
         endpoints: tuple[str, ...] = ("recommend", "recommend_explain", "search"),
-        query_bf16: bool = False) -> dict[str, Any]:
+        query_bf16: bool = False, query_runtime: str | None = None) -> dict[str, Any]:
     import httpx
     import pandas as pd
 
     users = pd.read_parquet(bundle / "idmaps" / "users.parquet").iloc[:, 0].astype(str).tolist()
     words = search_words(bundle)
-    proc = start_server(bundle, port, workers=workers, max_batch=max_batch, query_bf16=query_bf16)
+    proc = start_server(bundle, port, workers=workers, max_batch=max_batch, query_bf16=query_bf16,
+                        query_runtime=query_runtime)
     try:
         base = f"http://127.0.0.1:{port}"
         health = httpx.get(base + "/health").json()
@@ -531,7 +535,8 @@ def run(bundle: Path, label: str, clients: int, duration: float, warmup: float, 
         }
         out: dict[str, Any] = {"bundle": str(bundle), "items": health["items"], "users": health["users"],
                                "store": health["store"], "load_generator": generator, "server_workers": workers,
-                               "max_batch": max_batch, "query_bf16": query_bf16, "endpoints": {}}
+                               "max_batch": max_batch, "query_bf16": query_bf16,
+                               "query_runtime": query_runtime or "config default", "endpoints": {}}
         for name in endpoints:
             make = phases[name]
             load_before = os.getloadavg()[0]
@@ -576,6 +581,9 @@ def main() -> None:
     ap.add_argument("--endpoints", default="recommend,recommend_explain,search")
     ap.add_argument("--query-bf16", action="store_true",
                     help="serve with serve.query_bf16 (approximate: bfloat16 query encoders)")
+    ap.add_argument("--query-runtime", choices=("onnx", "torch", "both"), default=None,
+                    help="serve.query_runtime for the text query encoders; 'both' runs every endpoint with torch, "
+                         "then with onnx, in this one invocation (a same-run comparison)")
     ap.add_argument("--recall", type=int, default=0, metavar="N",
                     help="only compare N seeded search queries, query_bf16 vs float32 (recall@10, same order)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -608,22 +616,26 @@ def main() -> None:
     from tests.e2e.browser import free_port
 
     port = args.port or free_port()
-    load_before = [round(x, 2) for x in os.getloadavg()]
-    res = run(bundle, args.label or "bundle", args.clients, args.duration, args.warmup, port, args.screenshot,
-              generator=args.generator, workers=args.workers, max_batch=args.max_batch,
-              endpoints=tuple(args.endpoints.split(",")), query_bf16=args.query_bf16)
-    res["loadavg_before_after"] = [load_before, [round(x, 2) for x in os.getloadavg()]]
-    res["command"] = "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:])
-    build_info = bundle.parent / "build.json"
-    if build_info.is_file():
-        res["bundle_build"] = json.loads(build_info.read_text())
-    label = args.label or f"{res['items']} items"
-    print(f"\n| bundle | endpoint | clients | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|")
-    for name, r in res["endpoints"].items():
-        print(f"| {label} | {name} | {r['clients']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | "
-              f"{r['p99_ms']:.1f} | {r['errors']} |")
+    runtimes = ["torch", "onnx"] if args.query_runtime == "both" else [args.query_runtime]
     data = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    data.setdefault("runs", {})[label] = res
+    for runtime in runtimes:
+        load_before = [round(x, 2) for x in os.getloadavg()]
+        res = run(bundle, args.label or "bundle", args.clients, args.duration, args.warmup, port, args.screenshot,
+                  generator=args.generator, workers=args.workers, max_batch=args.max_batch,
+                  endpoints=tuple(args.endpoints.split(",")), query_bf16=args.query_bf16, query_runtime=runtime)
+        res["loadavg_before_after"] = [load_before, [round(x, 2) for x in os.getloadavg()]]
+        res["command"] = "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:])
+        build_info = bundle.parent / "build.json"
+        if build_info.is_file():
+            res["bundle_build"] = json.loads(build_info.read_text())
+        label = args.label or f"{res['items']} items"
+        if len(runtimes) > 1:
+            label = f"{label}, {runtime} queries"
+        print(f"\n| bundle | endpoint | clients | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|")
+        for name, r in res["endpoints"].items():
+            print(f"| {label} | {name} | {r['clients']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | "
+                  f"{r['p99_ms']:.1f} | {r['errors']} |")
+        data.setdefault("runs", {})[label] = res
     data["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
     data["command"] = "python -m benchmarks.bench_serve " + " ".join(sys.argv[1:])
     data["note"] = ("server: `kgrec serve` subprocess (uvicorn; each run records server_workers, max_batch and load_generator); "

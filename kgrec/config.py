@@ -132,6 +132,8 @@ class ServeConfig(_Section):
     max_batch: int = 32  # concurrent /recommend or /search requests answered as one batch (1 = no batching)
     batch_gather_ms: float = Field(1.0, ge=0.0)  # before a batch, wait in steps this long while requests keep
     # arriving (at most 3 steps; 0 = take what is queued): keeps closed-loop clients in one batch
+    query_runtime: Literal["onnx", "torch"] = "onnx"  # text query encoders in ONNX Runtime (same vectors to ~1e-7,
+    # checked at start; falls back to torch, logged, where an encoder cannot be exported) or in torch
     query_bf16: bool = False  # APPROXIMATE text search: query encoders in bfloat16 (~2x faster on AVX512-BF16
     # CPUs), items and scoring float32; measured agreement with float32 results in docs/serve.md
 

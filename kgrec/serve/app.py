@@ -417,6 +417,13 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
     def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    if cfg.query_runtime == "onnx" and not cfg.query_bf16:
+        import torch
+
+        try:
+            rec.use_onnx_queries(threads=max(1, torch.get_num_threads()))
+        except KgrecError as exc:  # no encoders in this bundle: nothing to speed up
+            logger.warning("query encoders stay on torch: %s", exc)
     if warmup:
         _warm(rec, cfg.query_bf16)
     return app

@@ -213,3 +213,36 @@ def test_service_passes_query_bf16_from_the_config(serve_recommender, monkeypatc
             r = client.get("/search", params={"text": "red cotton shirt", "k": 5})
         assert r.status_code == 200 and len(r.json()["results"]) == 5
         assert seen == [flag]
+
+
+def test_onnx_query_encoders_give_the_same_vectors_and_results(serve_recommender):
+    """``use_onnx_queries``: BERT queries through ONNX Runtime (the tiny test CLIP is open_clip's own tower, which is
+    left on torch), cached vectors dropped, same items in the same order as with torch."""
+    rec = _variant(serve_recommender, images=True)
+    rec._onnx_queries = {}
+    want_vecs = np.stack(rec._query_vectors("text", QUERIES))
+    want = rec.search_batch(QUERIES, 10)
+    diffs = rec.use_onnx_queries()
+    assert set(diffs) == {"text"} and diffs["text"] <= 1e-5
+    assert not rec._query_cache
+    np.testing.assert_allclose(np.stack(rec._query_vectors("text", QUERIES)), want_vecs, atol=1e-5, rtol=0)
+    got = rec.search_batch(QUERIES, 10)
+    for g, w in zip(got, want):
+        assert [r.item_id for r in g] == [r.item_id for r in w]
+        np.testing.assert_allclose([r.score for r in g], [r.score for r in w], atol=1e-4)
+    _check(got[0], _full_search(rec, QUERIES[0], 10), tol=1e-4)
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "torch"])
+def test_service_sets_the_query_runtime_from_the_config(serve_recommender, runtime):
+    from fastapi.testclient import TestClient
+
+    from kgrec.config import ServeConfig
+    from kgrec.serve.app import create_app
+
+    rec = _variant(serve_recommender)
+    rec._onnx_queries = {}
+    with TestClient(create_app(rec, ServeConfig(query_runtime=runtime), warmup=False)) as client:
+        r = client.get("/search", params={"text": "red cotton shirt", "k": 5})
+    assert r.status_code == 200 and len(r.json()["results"]) == 5
+    assert set(rec._onnx_queries) == ({"text"} if runtime == "onnx" else set())
