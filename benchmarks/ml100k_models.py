@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import scipy.sparse as sp
 
 from kgrec.errors import ConfigError
 
@@ -75,16 +76,24 @@ def dlae_weights(gram: np.ndarray, p: float, lam: float) -> np.ndarray:
     return edlae_weights(gram, p, lam, zero_diagonal=False)
 
 
-def side_info_gram(gram: np.ndarray, features: np.ndarray, alpha: float) -> np.ndarray:
-    """Collective EASE Gram: ``X'X + alpha F F'`` for item features ``F`` (num_items, num_features)."""
+def feature_gram(features: np.ndarray | sp.spmatrix) -> np.ndarray:
+    """``F F'`` (num_items, num_items) float64 for dense or sparse item features ``F`` (num_items, num_features)."""
+    ff = features @ features.T
+    return np.asarray(ff.toarray() if sp.issparse(ff) else ff, dtype=np.float64)
+
+
+def side_info_gram(gram: np.ndarray, features: np.ndarray | sp.spmatrix, alpha: float) -> np.ndarray:
+    """Collective EASE Gram: ``X'X + alpha F F'`` for item features ``F`` (num_items, num_features), dense or sparse."""
     if features.shape[0] != gram.shape[0]:
         raise ConfigError(f"side information has {features.shape[0]} rows, the interaction matrix {gram.shape[0]} items")
-    return gram + alpha * (features @ features.T)
+    return gram + alpha * feature_gram(features)
 
 
-def add_ease_weights(gram: np.ndarray, features: np.ndarray, lam: float, lam_side: float, beta: float) -> np.ndarray:
+def add_ease_weights(
+    gram: np.ndarray, features: np.ndarray | sp.spmatrix, lam: float, lam_side: float, beta: float
+) -> np.ndarray:
     """Additive EASE: ``(1 - beta) EASE(X'X, lam) + beta EASE(F F', lam_side)``, both (num_items, num_items)."""
-    side = ease_weights(features @ features.T, lam_side)
+    side = ease_weights(feature_gram(features), lam_side)
     return (1.0 - beta) * ease_weights(gram, lam) + beta * side
 
 
@@ -204,3 +213,70 @@ def ials(
         hmat = solve(x.T, w, n_users)
         logger.debug("iALS epoch %d done", ep)
     return w, hmat
+
+
+def mult_vae_scores(
+    x: np.ndarray,
+    checkpoints: tuple[int, ...] = (50, 100, 200),
+    hidden: int = 600,
+    latent: int = 200,
+    beta_max: float = 0.2,
+    anneal_steps: int = 2000,
+    dropout: float = 0.5,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> dict[int, np.ndarray]:
+    """Mult-VAE (Liang et al. 2018, "Variational autoencoders for collaborative filtering"), trained on ``x``.
+
+    Encoder: L2-normalised, dropped-out history -> tanh(``hidden``) -> mean and log-variance (``latent``);
+    decoder: tanh(``hidden``) -> logits over items; loss: multinomial log-likelihood + ``beta`` KL, ``beta``
+    annealed linearly to ``beta_max`` over ``anneal_steps`` updates.
+
+    Returns:
+        ``{epoch: (num_users, num_items) float64 scores}`` (decoder logits of the mean code, no dropout) after each
+        epoch count in ``checkpoints``, so the caller can choose the epoch count on validation data.
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n_users, n_items = x.shape
+    enc = nn.Sequential(nn.Linear(n_items, hidden), nn.Tanh(), nn.Linear(hidden, 2 * latent))
+    dec = nn.Sequential(nn.Linear(latent, hidden), nn.Tanh(), nn.Linear(hidden, n_items))
+    params = list(enc.parameters()) + list(dec.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    data = torch.as_tensor(x, dtype=torch.float32)
+    drop = nn.Dropout(dropout)
+
+    def encode(batch: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        h = nn.functional.normalize(batch, dim=1)
+        h = drop(h) if train else h
+        mu, logvar = enc(h).chunk(2, dim=1)
+        return mu, logvar
+
+    out: dict[int, np.ndarray] = {}
+    step = 0
+    for epoch in range(1, max(checkpoints) + 1):
+        enc.train(), dec.train(), drop.train()
+        order = torch.as_tensor(rng.permutation(n_users))
+        for start in range(0, n_users, batch_size):
+            batch = data[order[start : start + batch_size]]
+            mu, logvar = encode(batch, True)
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            logp = torch.log_softmax(dec(z), dim=1)
+            nll = -(logp * batch).sum(1).mean()
+            kl = (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1)).mean()
+            beta = min(beta_max, beta_max * step / anneal_steps)
+            loss = nll + beta * kl
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+        if epoch in checkpoints:
+            with torch.no_grad():
+                enc.eval(), dec.eval()
+                mu, _ = encode(data, False)
+                out[epoch] = dec(mu).double().numpy()
+    return out

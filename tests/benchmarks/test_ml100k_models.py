@@ -140,3 +140,27 @@ def test_ials_decreases_its_objective_and_finds_the_blocks() -> None:
     assert all(b <= a + 1e-9 for a, b in zip(losses, losses[1:]))
     s = w @ h.T
     assert s[:20, :10].mean() > 0.6 > 0.2 > s[:20, 10:].mean()
+
+
+def test_side_information_may_be_sparse() -> None:
+    import scipy.sparse as sp
+
+    f = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float64)
+    g = X.T @ X
+    np.testing.assert_allclose(side_info_gram(g, sp.csr_matrix(f), 0.5), side_info_gram(g, f, 0.5))
+    np.testing.assert_allclose(add_ease_weights(g, sp.csr_matrix(f), 2.0, 1.0, 0.3), add_ease_weights(g, f, 2.0, 1.0, 0.3))
+
+
+def test_mult_vae_learns_the_blocks_and_returns_each_checkpoint() -> None:
+    from benchmarks.ml100k_models import mult_vae_scores
+
+    rng = np.random.default_rng(2)
+    x = np.zeros((60, 20))
+    x[:30, :10] = rng.random((30, 10)) < 0.6
+    x[30:, 10:] = rng.random((30, 10)) < 0.6
+    out = mult_vae_scores(x, checkpoints=(5, 60), hidden=16, latent=4, anneal_steps=50, batch_size=16, lr=1e-2)
+    assert sorted(out) == [5, 60] and out[60].shape == (60, 20)
+    s = out[60]
+    # every user's own-block items outscore the other block's on average, by a wide margin in logits
+    assert (s[:30, :10].mean(1) - s[:30, 10:].mean(1)).min() > 1.0
+    assert (s[30:, 10:].mean(1) - s[30:, :10].mean(1)).min() > 1.0
