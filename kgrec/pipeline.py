@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 KS = (10, 20)
 QUERY_CACHE_SIZE = 1024  # recent query texts whose vectors are kept, per encoder
+TOP_K_SLACK = 32  # extra values asked of torch.topk per row so that ties at the k-th value are resolved exactly
 # below this standard deviation of a query's similarities, the moment formula's rounding (~1e-8) could matter:
 # such rows are z-scored from the similarities themselves
 _MOMENT_MIN_SD = 1e-6
@@ -189,25 +190,32 @@ def _top_k_rows(scores: np.ndarray, ks: Sequence[int]) -> list[np.ndarray]:
     """``top_k_stable(scores[j], ks[j])`` for every row of a (n, I) float array of finite values, with one
     ``torch.topk`` over the whole batch.
 
-    ``torch.topk`` orders ties arbitrarily, so it is asked for one more than the largest k: when row j's
-    (k+1)-th value is below its k-th, the k returned are exactly the row's top k and are put in order by
-    (value descending, index); when they are equal (ties across the cut) the row takes :func:`top_k_stable`.
+    ``torch.topk`` orders ties arbitrarily, so it is asked for ``TOP_K_SLACK`` more values than the largest k.
+    For row j with k-th value v: when the last value returned is below v, every item scoring >= v was returned
+    (ties at v included), so the row's top k are those items in (value descending, index) order — exact; only a
+    row whose ties at v run past the returned width takes :func:`top_k_stable` (a catalog with many identical
+    item vectors ties often, so the slack is what keeps those rows off the full pass).
     """
     import torch
 
     n_items = scores.shape[1]
     if not len(ks):
         return []
-    width = min(max(int(k) for k in ks) + 1, n_items)
+    width = min(max(int(k) for k in ks) + TOP_K_SLACK, n_items)
     vals, idx = (t.numpy() for t in torch.topk(torch.as_tensor(scores), width, dim=1))
     out = []
     for j, k in enumerate(ks):
         k = min(int(k), n_items)
-        if k < width and vals[j, k] == vals[j, k - 1]:
-            out.append(top_k_stable(scores[j], k))
-        else:
-            sel = idx[j, :k]
-            out.append(sel[np.lexsort((sel, -vals[j, :k]))])
+        if k <= 0:
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        v = vals[j, k - 1]
+        if k < width and vals[j, width - 1] == v:
+            out.append(top_k_stable(scores[j], k))  # the ties at v may go on past what topk returned
+            continue
+        keep = vals[j] >= v  # the k best and every tie with the k-th (all of them: see above)
+        sel, sv = idx[j][keep], vals[j][keep]
+        out.append(sel[np.lexsort((sel, -sv))][:k])
     return out
 
 
