@@ -30,6 +30,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,28 @@ def _cpu_seconds(server_pid: int | None) -> tuple[float, float]:
     return server, busy
 
 
+def _connections_per_worker(server_pid: int | None, port: int) -> list[int]:
+    """Established connections on ``port`` held by each process of the server tree (workers that hold none: 0)."""
+    import psutil
+
+    if server_pid is None:
+        return []
+    out = []
+    try:
+        root = psutil.Process(server_pid)
+        for p in [root] + root.children(recursive=True):
+            try:
+                n = sum(1 for c in p.net_connections(kind="tcp")
+                        if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if n:
+                out.append(n)
+    except psutil.NoSuchProcess:
+        pass
+    return sorted(out, reverse=True)
+
+
 def _wrk_phase(base: str, paths: list[str], clients: int, duration: float, warmup: float, seed: int,
                server_pid: int | None = None) -> dict[str, Any]:
     """One phase with ``wrk`` (C, one thread, event loop): a load generator that needs little CPU of its own.
@@ -300,7 +323,12 @@ def _wrk_phase(base: str, paths: list[str], clients: int, duration: float, warmu
         if warmup > 0:
             wrk(warmup)
         cpu0, t0 = _cpu_seconds(server_pid), time.perf_counter()
+        port = int(base.rsplit(":", 1)[1])
+        spread: list[list[int]] = []
+        sampler = threading.Timer(duration / 2, lambda: spread.append(_connections_per_worker(server_pid, port)))
+        sampler.start()
         w = wrk(duration)
+        sampler.join()
         cpu1, wall = _cpu_seconds(server_pid), time.perf_counter() - t0
     finally:
         os.unlink(script)
@@ -312,6 +340,7 @@ def _wrk_phase(base: str, paths: list[str], clients: int, duration: float, warmu
         "server_cpu_ms_per_request": round(server_cpu / max(w["requests"], 1) * 1e3, 3),
         "machine_busy_cores": round(busy / wall, 2), "server_busy_cores": round(server_cpu / wall, 2),
         "clients": clients, "throughput_rps": w["requests"] / secs,
+        "connections_per_worker_mid_run": spread[0] if spread else [],
         "p50_ms": w["p50_us"] / 1e3, "p90_ms": w["p90_us"] / 1e3, "p99_ms": w["p99_us"] / 1e3,
         "max_ms": w["max_us"] / 1e3,
     }
@@ -554,7 +583,9 @@ def run(bundle: Path, label: str, clients: int, duration: float, warmup: float, 
                   f"p99 {res['p99_ms']:7.1f} ms  errors {res['errors']}"
                   + (f"  server CPU {res['server_cpu_ms_per_request']:.2f} ms/req, machine busy "
                      f"{res['machine_busy_cores']} cores (server {res['server_busy_cores']})"
-                     if "server_cpu_ms_per_request" in res else ""), flush=True)
+                     if "server_cpu_ms_per_request" in res else "")
+                  + (f", connections per worker {res['connections_per_worker_mid_run']}"
+                     if res.get("connections_per_worker_mid_run") else ""), flush=True)
     finally:
         stop_server(proc)
     return out

@@ -129,6 +129,8 @@ class ServeConfig(_Section):
     torch_threads: int = 1  # intra-op threads (torch and numpy's BLAS) per `kgrec serve` process (0 = library
     # defaults); requests are served one at a time, and on 2 shared cores 1 thread encoded a query ~5x faster than 2
     workers: int = 1  # `kgrec serve` processes, each with the bundle loaded (one per core that serving may use)
+    balance_connections: bool = True  # with workers > 1: a worker holding more than its share of the open
+    # connections closes the excess after a response (clients reconnect; the kernel spreads them afresh)
     max_batch: int = 32  # concurrent /recommend or /search requests answered as one batch (1 = no batching)
     batch_gather_ms: float = Field(1.0, ge=0.0)  # before a batch, wait in steps this long while requests keep
     # arriving (at most 3 steps; 0 = take what is queued): keeps closed-loop clients in one batch

@@ -44,7 +44,8 @@ def serve(
         from kgrec.serve.workers import reuseport_supported, serve_workers
 
         if reuseport_supported():  # one listening socket per worker: connections spread over the workers
-            raise typer.Exit(serve_workers(cfg.serve.workers, cfg.serve.host, cfg.serve.port, log_level=log_level))
+            raise typer.Exit(serve_workers(cfg.serve.workers, cfg.serve.host, cfg.serve.port, log_level=log_level,
+                                             balance=cfg.serve.balance_connections))
         uvicorn.run("kgrec.serve.app:app_from_env", factory=True, host=cfg.serve.host, port=cfg.serve.port,
                     workers=cfg.serve.workers, log_level=log_level, access_log=False)
         return
