@@ -17,6 +17,8 @@ it is given (the benchmark passes the train split only).
   2021, "Negative interactions for improved collaborative filtering: don't go deeper, go higher"): scores
   ``X B + Z C`` with ``Z[u, p] = X[u, i] X[u, j]`` for the chosen pairs ``p = (i, j)``, fitted by alternating
   closed-form ridge steps with ``diag(B) = 0`` and ``C[p, i] = C[p, j] = 0`` (a pair never predicts its own items).
+* ``time_local_gram``: a co-occurrence matrix where two items of one user count ``exp(-|t_i - t_j| / tau)``
+  (rated in the same sitting counts ~1, months apart ~0), with the plain counts on the diagonal, for EASE.
 * ``ials``: implicit ALS with the frequency-scaled regularisation of Rendle et al. 2021 ("Revisiting the
   performance of iALS on item recommendation benchmarks").
 """
@@ -103,6 +105,24 @@ def user_ease_scores(x: np.ndarray, lam: float) -> np.ndarray:
     A user's score for item i is a weighted vote of the other users who interacted with i (zero self-weight)."""
     b = ease_weights(x @ x.T, lam)
     return b.T @ x
+
+
+def time_local_gram(
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, num_items: int, tau: float
+) -> np.ndarray:
+    """(num_items, num_items) ``sum_u sum_{i != j in I_u} exp(-|t_ui - t_uj| / tau)``; diagonal = item counts.
+
+    Args:
+        users, items: (n,) int interaction indices (no duplicate pairs); timestamps: (n,) seconds; tau: seconds.
+    """
+    gram = np.zeros((num_items, num_items))
+    order = np.argsort(users, kind="stable")
+    users, items, timestamps = users[order], items[order], np.asarray(timestamps, dtype=np.float64)[order]
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    for it, ts in zip(np.split(items, bounds), np.split(timestamps, bounds)):
+        gram[np.ix_(it, it)] += np.exp(-np.abs(ts[:, None] - ts[None, :]) / tau)
+    np.fill_diagonal(gram, np.bincount(items, minlength=num_items).astype(np.float64))
+    return gram
 
 
 def top_pairs(x: np.ndarray, num_pairs: int, min_count: int = 2) -> np.ndarray:

@@ -158,9 +158,27 @@ def test_mult_vae_learns_the_blocks_and_returns_each_checkpoint() -> None:
     x = np.zeros((60, 20))
     x[:30, :10] = rng.random((30, 10)) < 0.6
     x[30:, 10:] = rng.random((30, 10)) < 0.6
-    out = mult_vae_scores(x, checkpoints=(5, 60), hidden=16, latent=4, anneal_steps=50, batch_size=16, lr=1e-2)
-    assert sorted(out) == [5, 60] and out[60].shape == (60, 20)
-    s = out[60]
+    out = mult_vae_scores(x, checkpoints=(5, 40), hidden=16, latent=4, anneal_steps=30, batch_size=16, lr=1e-2)
+    assert sorted(out) == [5, 40] and out[40].shape == (60, 20)
+    s = out[40]
     # every user's own-block items outscore the other block's on average, by a wide margin in logits
     assert (s[:30, :10].mean(1) - s[:30, 10:].mean(1)).min() > 1.0
     assert (s[30:, 10:].mean(1) - s[30:, :10].mean(1)).min() > 1.0
+
+
+def test_time_local_gram_weights_pairs_by_time_gap() -> None:
+    from benchmarks.ml100k_models import time_local_gram
+
+    users = np.array([0, 0, 0, 1, 1])
+    items = np.array([0, 1, 2, 0, 1])
+    ts = np.array([0.0, 10.0, 1000.0, 5.0, 5.0])
+    g = time_local_gram(users, items, ts, num_items=3, tau=10.0)
+    # user 0: (0,1) 10 s apart -> e^-1, (0,2) 1000 s -> e^-100, (1,2) 990 s -> e^-99; user 1: (0,1) same time -> 1
+    assert g[0, 1] == g[1, 0] == pytest.approx(np.exp(-1.0) + 1.0)
+    assert g[0, 2] == pytest.approx(np.exp(-100.0))
+    assert g[1, 2] == pytest.approx(np.exp(-99.0))
+    np.testing.assert_array_equal(np.diag(g), [2.0, 2.0, 1.0])
+    # tau -> infinity gives the plain co-occurrence counts X'X
+    x = np.zeros((2, 3))
+    x[users, items] = 1.0
+    np.testing.assert_allclose(time_local_gram(users, items, ts, 3, 1e15), x.T @ x)
