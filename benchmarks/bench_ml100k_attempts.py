@@ -405,11 +405,13 @@ def new_families(h: Harness, tr: pd.DataFrame, text: np.ndarray, chosen: dict[st
     best_user = max((r for r in row["grid"] if r["setting"].endswith("alone")), key=lambda r: r["valid_ndcg@20"])
     chosen["user_ease"] = grid[best_user["setting"]]()
 
-    tl = {tau: X @ mm.ease_weights(mm.time_local_gram(tr.u.to_numpy(), tr.i.to_numpy(), tr.timestamp.to_numpy(),
-                                                       d.num_items, tau), 300.0) for tau in (600, 3600, 86400)}
-    grid = {f"tau {tau} s alone": (lambda s=s: s) for tau, s in tl.items()}
-    grid.update({f"tau {tau} s, w {w}": (lambda s=s, w=w: e_z + w * h.z(s)) for tau, s in tl.items()
-                 for w in (0.5, 1.0)})
+    tl = {}
+    for tau in (600, 1800, 3600, 86400):
+        g_t = mm.time_local_gram(tr.u.to_numpy(), tr.i.to_numpy(), tr.timestamp.to_numpy(), d.num_items, tau)
+        for lam in (150, 300):
+            tl[f"tau {tau} s, lambda {lam}"] = X @ mm.ease_weights(g_t, lam)
+    grid = {f"{k} alone": (lambda s=s: s) for k, s in tl.items()}
+    grid.update({f"{k}, w {w}": (lambda s=s, w=w: e_z + w * h.z(s)) for k, s in tl.items() for w in (0.5, 1.0)})
     row = run_family(h, "time-local co-occurrence EASE (+ EASE)", grid)
     out.append(row)
     best_tl = max((r for r in row["grid"] if r["setting"].endswith("alone")), key=lambda r: r["valid_ndcg@20"])
