@@ -1,7 +1,7 @@
 """What we tried to get past 1.05 x EASE on ml-100k (issue #6), each family selected on valid only.
 
 Run: ``flock /tmp/kgrec_bench.lock .venv/bin/python -m benchmarks.bench_ml100k_attempts --gnn-seeds 3`` (1 thread;
-about 10 minutes on 2 cores: the GNN bag trains our text+KG GNN over 3 seeds). Data: ``KGREC_ML100K_DIR`` or
+about 4 minutes on 2 cores, of which ~30 s train our text+KG GNN over 3 seeds). Data: ``KGREC_ML100K_DIR`` or
 ``../shared/data/ml-100k-kg``, the same split, masking and metrics as ``bench_ml100k``.
 
 For each family the grid is evaluated on valid NDCG@20; the table reports the test numbers of the valid-best
@@ -32,8 +32,8 @@ Fourth attempt (models in ``benchmarks/ml100k_models.py``):
 * ``time-local co-occurrence EASE``: EASE on a Gram matrix where a user's two items count ``exp(-gap / tau)``
   (items rated in one sitting, e.g. from one MovieLens sign-up page), alone and blended with EASE;
 * ``iALS`` (Rendle et al. 2021) and ``Mult-VAE`` (Liang et al. 2018);
-* ``valid-tuned blend``: ``z(EASE) + sum_k w_k z(model_k)`` over the valid-chosen setting of each new family (and the
-  GNN bag when ``--gnn-seeds``), weights by coordinate ascent on valid NDCG@20.
+* ``valid-tuned blend``: ``sum_k w_k z(model_k)`` over EASE and the valid-chosen setting of each new family (and the
+  GNN bag when ``--gnn-seeds``), weights in {0, 0.25, ..., 4} by coordinate ascent on valid NDCG@20.
 
 Writes ``benchmarks/results/ml100k_attempts.json`` and ``ml100k_attempts.md``.
 """
