@@ -39,7 +39,7 @@ def _session(model: bytes, threads: int) -> Any:
 
 
 def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str],
-            dynamic: dict[str, dict[int, str]]) -> bytes:
+            dynamic: dict[str, dict[int, str]], outputs: list[str] | None = None) -> bytes:
     """ONNX bytes of ``module`` traced on ``args`` (TorchScript exporter, opset 17, dynamic batch/length axes)."""
     import warnings
 
@@ -47,7 +47,7 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, buf, input_names=names, output_names=["vectors"],
+            torch.onnx.export(module, args, buf, input_names=names, output_names=outputs or ["vectors"],
                               dynamic_axes=dynamic, opset_version=17, dynamo=False)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; all mean "use torch"
         raise EncoderError(f"could not export the query encoder to ONNX: {type(exc).__name__}: {exc}") from exc
@@ -152,6 +152,112 @@ class OnnxClipQueryEncoder:
         return self.session.run(None, {"tokens": tokens[:, :width].numpy()})[0].astype(np.float32, copy=False)
 
 
+class _SharedModule(torch.nn.Module):
+    """One BERT forward, two outputs: the text encoder's vector and the CLIP text tower's (mean pool, projection)."""
+
+    def __init__(self, model: torch.nn.Module, proj: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.proj = model, proj
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from encoders.text import mean_pool
+
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids))
+        pooled = mean_pool(out.last_hidden_state, attention_mask)
+        norm = torch.nn.functional.normalize
+        return norm(pooled.float(), dim=-1), norm(self.proj(pooled).float(), dim=-1)
+
+
+def shares_text_tower(text_encoder: Any, clip_encoder: Any) -> bool:
+    """True when the CLIP text tower is the text encoder's transformer with a mean pooler and a projection: same
+    weights (every tensor equal), same vocabulary and pad id. The default CLIP (EfficientNet-Lite0 + the packaged
+    MiniLM, not fine-tuned) is such a model: one forward then gives both query vectors."""
+    model = getattr(clip_encoder, "model", None)
+    tower = getattr(model, "text", None)
+    if (tower is None or type(tower).__name__ != "HFTextEncoder" or type(getattr(tower, "pooler", None)).__name__
+            != "MeanPooler" or not isinstance(getattr(tower, "proj", None), torch.nn.Linear)
+            or not hasattr(text_encoder, "_pad")):
+        return False
+    mine, theirs = text_encoder.model.state_dict(), tower.transformer.state_dict()
+    if any(k not in mine or mine[k].shape != v.shape or not torch.equal(mine[k].cpu(), v.cpu())
+           for k, v in theirs.items()):
+        return False
+    clip_tok = getattr(clip_encoder.tokenizer, "tokenizer", None)
+    return (clip_tok is not None and clip_tok.get_vocab() == text_encoder.tokenizer.get_vocab()
+            and tower.config.pad_token_id == (text_encoder.tokenizer.pad_token_id or 0))
+
+
+class OnnxSharedQueryEncoder:
+    """Text and CLIP query vectors from one ONNX Runtime forward of the shared transformer (see
+    :func:`shares_text_tower`); ``views()`` gives the two encoders the recommender uses.
+
+    A text the text encoder may have truncated (``max_length`` tokens or more) gets its CLIP vector from
+    ``clip_fallback`` instead: the CLIP tokenizer keeps up to its own context length. The last results are kept so
+    that asking for the text and then the CLIP vectors of the same texts runs one forward.
+    """
+
+    def __init__(self, text_encoder: Any, clip_encoder: Any, clip_fallback: Any, threads: int = 1,
+                 tolerance: float = 1e-5) -> None:
+        from kgrec.pipeline import encode_clip_queries
+
+        if not shares_text_tower(text_encoder, clip_encoder):
+            raise EncoderError("the CLIP text tower is not the text encoder's transformer: nothing to share")
+        self.encoder, self.clip_fallback = text_encoder, clip_fallback
+        self.dims = (int(text_encoder.dim), int(clip_encoder.dim))
+        self.context = int(clip_encoder.tokenizer.context_length) if hasattr(clip_encoder.tokenizer,
+                                                                             "context_length") else 0
+        was_training = clip_encoder.model.training
+        clip_encoder.model.eval()
+        try:
+            ids = text_encoder._pad([[101, 2000, 2001, 102], [101, 2003, 102]])
+            model = _export(_SharedModule(text_encoder.model, clip_encoder.model.text.proj),
+                            (ids["input_ids"], ids["attention_mask"]), ["input_ids", "attention_mask"],
+                            {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+                             "vectors": {0: "batch"}, "clip_vectors": {0: "batch"}}, outputs=["vectors", "clip_vectors"])
+        finally:
+            clip_encoder.model.train(was_training)
+        self.session = _session(model, threads)
+        self._last: tuple[tuple[str, ...], np.ndarray, np.ndarray] | None = None
+        probe = list(PROBE_TEXTS)
+        text_vecs, clip_vecs = self.encode(probe)
+        self.max_abs_diff = max(_check(text_vecs, text_encoder.encode(probe), tolerance, "shared text"),
+                                _check(clip_vecs, encode_clip_queries(clip_encoder, probe), tolerance, "shared CLIP"))
+
+    def encode(self, inputs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(text vectors (n, d_text), CLIP text vectors (n, d_clip)), float32, L2-normalised."""
+        texts = tuple(t if isinstance(t, str) else "" for t in inputs)
+        last = self._last
+        if last is not None and last[0] == texts:
+            return last[1], last[2]
+        enc = self.encoder
+        text_out = np.zeros((len(texts), self.dims[0]), dtype=np.float32)
+        clip_out = np.zeros((len(texts), self.dims[1]), dtype=np.float32)
+        if texts:
+            ids = enc.tokenizer(list(texts), truncation=True, max_length=enc.max_length, padding=False)["input_ids"]
+            order = np.argsort([-len(x) for x in ids], kind="stable")
+            for start in range(0, len(texts), enc.batch_size):
+                idx = order[start:start + enc.batch_size]
+                batch = enc._pad([ids[i] for i in idx])
+                text_out[idx], clip_out[idx] = self.session.run(None, {
+                    "input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()})
+            long = [i for i, x in enumerate(ids) if len(x) >= min(enc.max_length, self.context or enc.max_length)]
+            if long:  # maybe truncated by the text encoder: the CLIP tower sees its own (longer) context
+                clip_out[long] = self.clip_fallback([texts[i] for i in long])
+        self._last = (texts, text_out, clip_out)
+        return text_out, clip_out
+
+    def views(self) -> dict[str, Any]:
+        return {"text": _SharedView(self, 0), "clip": _SharedView(self, 1)}
+
+
+class _SharedView:
+    def __init__(self, shared: OnnxSharedQueryEncoder, which: int) -> None:
+        self.shared, self.which, self.max_abs_diff = shared, which, shared.max_abs_diff
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self.shared.encode(texts)[self.which]
+
+
 def _check(got: np.ndarray, want: np.ndarray, tolerance: float, what: str) -> float:
     diff = float(np.abs(np.asarray(got, dtype=np.float64) - np.asarray(want, dtype=np.float64)).max())
     if not np.isfinite(diff) or diff > tolerance:
@@ -162,8 +268,10 @@ def _check(got: np.ndarray, want: np.ndarray, tolerance: float, what: str) -> fl
 def onnx_query_encoders(text_encoder: Any, clip_encoder: Any, threads: int = 1) -> dict[str, Any]:
     """``{"text": ..., "clip": ...}`` ONNX Runtime query encoders for the encoders that can have one.
 
-    An encoder that cannot be exported, has no ONNX equivalent, runs on a GPU, or disagrees with torch is left out
-    (logged): the caller keeps torch for it.
+    When the CLIP text tower is the text encoder's transformer (:func:`shares_text_tower`), both come from one
+    :class:`OnnxSharedQueryEncoder` (one forward per query instead of two). An encoder that cannot be exported,
+    has no ONNX equivalent, runs on a GPU, or disagrees with torch is left out (logged): the caller keeps torch
+    for it.
     """
     out: dict[str, Any] = {}
     for kind, enc, cls in (("text", text_encoder, OnnxTextQueryEncoder), ("clip", clip_encoder, OnnxClipQueryEncoder)):
@@ -176,4 +284,14 @@ def onnx_query_encoders(text_encoder: Any, clip_encoder: Any, threads: int = 1) 
             logger.info("ONNX Runtime %s query encoder ready (max abs diff vs torch %.1e)", kind, out[kind].max_abs_diff)
         except EncoderError as exc:
             logger.warning("%s queries stay on torch: %s", kind, exc)
+    if "text" in out and clip_encoder is not None and shares_text_tower(text_encoder, clip_encoder):
+        from kgrec.pipeline import encode_clip_queries
+
+        fallback = out["clip"].encode if "clip" in out else (lambda texts: encode_clip_queries(clip_encoder, texts))
+        try:
+            shared = OnnxSharedQueryEncoder(text_encoder, clip_encoder, fallback, threads=threads)
+            out.update(shared.views())
+            logger.info("text and CLIP queries share one forward (max abs diff vs torch %.1e)", shared.max_abs_diff)
+        except EncoderError as exc:
+            logger.warning("text and CLIP queries stay apart: %s", exc)
     return out

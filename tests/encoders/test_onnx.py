@@ -61,3 +61,26 @@ def test_a_disagreeing_or_unsupported_encoder_is_left_on_torch(caplog):
         out = onnx_query_encoders(_tiny(), tiny_clip)
     assert set(out) == {"text"}
     assert "clip queries stay on torch" in caplog.text
+
+
+def test_default_clip_and_text_encoder_share_one_forward():
+    """The default CLIP's text tower is the packaged MiniLM (not fine-tuned) with a mean pooler and a projection:
+    one ONNX forward gives both query vectors, equal to the two torch encoders'; a text the text encoder may have
+    truncated takes the CLIP tower's own (longer) context."""
+    from encoders.clip import ClipEncoder
+    from encoders.onnx import OnnxSharedQueryEncoder, shares_text_tower
+    from kgrec.pipeline import encode_clip_queries
+
+    text = TextEncoder("packaged:all-MiniLM-L6-v2", max_length=8, device="cpu")
+    clip = ClipEncoder(device="cpu")
+    assert shares_text_tower(text, clip)
+    assert not shares_text_tower(_tiny(), clip)  # other weights
+    encoders = onnx_query_encoders(text, clip)
+    assert isinstance(encoders["text"].shared, OnnxSharedQueryEncoder) and encoders["clip"].shared is encoders["text"].shared
+    texts = ["red running shoe", "oak table", "", "a very long description of a blue backpack with many pockets"]
+    t_vecs = encoders["text"].encode(texts)
+    c_vecs = encoders["clip"].encode(texts)
+    assert encoders["clip"].shared._last[0] == tuple(texts)  # the second call reused the first forward
+    np.testing.assert_allclose(t_vecs, text.encode(texts), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(c_vecs, encode_clip_queries(clip, texts), atol=1e-5, rtol=0)
+    assert len(text.tokenizer(texts[3])["input_ids"]) > 8  # truncated at 8 for the text vector, not for CLIP's

@@ -21,13 +21,15 @@ from tests.kgrec.conftest_serve import serve_recommender  # noqa: F401  (fixture
 
 
 def _variant(rec: Recommender, *, text: np.ndarray | None = None, images: bool = False,
-             clip: bool = True) -> Recommender:
+             clip: bool = True, image: np.ndarray | None = None, has_image: np.ndarray | None = None) -> Recommender:
     """A shallow copy of ``rec`` with its own caches and changed aligned vectors (the original is untouched)."""
     out = copy.copy(rec)
     vec = rec.aligned_vectors
     t = vec["text"] if text is None else text
-    has_image = vec["has_image"].copy() if images else np.zeros(len(rec.item_ids), dtype=bool)
-    image = vec["image"] if images else np.zeros_like(vec["image"])
+    if has_image is None:
+        has_image = vec["has_image"].copy() if images else np.zeros(len(rec.item_ids), dtype=bool)
+    if image is None:
+        image = vec["image"] if images else np.zeros_like(vec["image"])
     out._aligned = {"text": np.asfortranarray(t, dtype=np.float32), "image": np.asfortranarray(image),
                     "has_image": has_image}
     out._query_cache = OrderedDict()
@@ -92,12 +94,78 @@ def test_without_a_clip_encoder_the_score_is_the_text_z_score(serve_recommender)
         _check(rec.search(text=text, k=10), _full_search(rec, text, 10))
 
 
-def test_with_images_the_full_computation_is_kept(serve_recommender):
-    rec = _variant(serve_recommender, images=True)
-    assert rec.aligned_vectors["has_image"].any()
-    for text, got in zip(QUERIES, rec.search_batch(QUERIES, 10)):
-        _check(got, _full_search(rec, text, 10))
+def test_with_images_the_two_space_path_equals_the_full_computation(serve_recommender):
+    vec = serve_recommender.aligned_vectors
+    has = vec["has_image"].copy()
+    has[::3] = False  # every third item without its image (the demo catalog has one for every item)
+    image = np.asarray(vec["image"]).copy()
+    image[~has] = 0.0
+    rec = _variant(serve_recommender, image=image, has_image=has)
+    assert has.any() and not has.all()
+    ks = [10, 5, 1, 10, 3, 60]
+    batch = rec.search_batch(QUERIES, ks)
+    full = rec._search_full(QUERIES, ks)
+    for text, k, got, ref in zip(QUERIES, ks, batch, full):
+        _check(got, _full_search(rec, text, k))
+        assert [(r.item_id, r.rank) for r in got] == [(r.item_id, r.rank) for r in ref]
+        # the moments give the mean and spread of the exact products, the full computation those of the float32
+        # similarities: equal to the float32 rounding (~3e-7 relative)
+        np.testing.assert_allclose([r.score for r in got], [r.score for r in ref], rtol=1e-6, atol=1e-6)
+        for g, w in zip(got, ref):  # the CLIP similarity only for items with an image, as before
+            assert g.sources.keys() == w.sources.keys()
+            np.testing.assert_allclose(list(g.sources.values()), list(w.sources.values()), rtol=1e-6, atol=1e-7)
         assert any("clip_image" in r.sources for r in got)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), distinct=st.integers(1, 30), k=st.integers(1, 60),
+       share=st.sampled_from([0.05, 0.5, 1.0]))
+def test_two_space_ties_and_image_subsets_match_the_full_computation(serve_recommender, seed, distinct, k, share):
+    """Items share one of ``distinct`` text vectors and one of ``distinct`` image vectors (exact ties in both
+    parts), and a random share of the items has an image: same items, order and scores as the full computation."""
+    base = serve_recommender
+    rng = np.random.default_rng(seed)
+    n = len(base.item_ids)
+    vec = base.aligned_vectors
+
+    def unit_rows(dim: int) -> np.ndarray:
+        rows = rng.standard_normal((distinct, dim)).astype(np.float32)
+        return (rows / np.linalg.norm(rows, axis=1, keepdims=True))[rng.integers(0, distinct, size=n)]
+
+    has = rng.random(n) < share
+    has[rng.integers(0, n)] = True
+    image = unit_rows(vec["image"].shape[1])
+    image[~has] = 0.0
+    rec = _variant(base, text=unit_rows(vec["text"].shape[1]), image=image, has_image=has)
+    text = QUERIES[seed % len(QUERIES)]
+    _check(rec.search_batch([text], k)[0], _full_search(rec, text, k))
+
+
+def test_two_space_constant_or_non_finite_rows_take_the_full_computation(serve_recommender):
+    base = serve_recommender
+    n, dim = base.aligned_vectors["image"].shape
+    one = np.zeros(dim, dtype=np.float32)
+    one[0] = 1.0
+    has = np.ones(n, dtype=bool)
+    rec = _variant(base, image=np.tile(one, (n, 1)), has_image=has)  # CLIP part constant: zero spread
+    _check(rec.search_batch(["boots"], 10)[0], _full_search(rec, "boots", 10))
+    bad = np.asarray(base.aligned_vectors["image"], dtype=np.float32).copy()
+    bad[3, 0] = np.nan
+    rec = _variant(base, image=bad, has_image=has)
+    got = rec.search_batch(["boots"], 10)[0]
+    assert [r.item_id for r in got] == [r.item_id for r in rec._search_full(["boots"], [10])[0]]
+
+
+def test_image_moments_are_over_the_items_with_an_image(serve_recommender):
+    rec = _variant(serve_recommender, images=True)
+    vec = rec.aligned_vectors
+    y = np.asarray(vec["image"], dtype=np.float64)[vec["has_image"]]
+    mu, cov = rec._image_moments()
+    np.testing.assert_allclose(mu, y.mean(axis=0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(y, rowvar=False, bias=True), rtol=0, atol=1e-12)
+    max_x, max_y = rec._max_norms()
+    assert max_x == pytest.approx(np.linalg.norm(vec["text"], axis=1).max(), rel=1e-6)
+    assert max_y == pytest.approx(np.linalg.norm(vec["image"], axis=1).max(), rel=1e-6)
 
 
 @settings(max_examples=25, deadline=None)
