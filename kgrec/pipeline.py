@@ -986,8 +986,8 @@ class Recommender:
         instead of float64 passes over (n, I). Candidates are every item whose float32 g is within twice a
         bound on its rounding error (``2^-20 * (||q|| max|x| / d_s + ||p|| max|y| / d_f)``, 4x the worst case)
         of the k-th: the exact top k are among them, ties included (ordered by item index). Rows with
-        (near-)constant or non-finite similarities, or with more candidates than ``torch.topk`` returned, take the
-        full computation. Same items in the same order as :meth:`_search_full`; scores equal to the float32
+        (near-)constant or non-finite similarities take the full computation; a row with more candidates than
+        ``torch.topk`` returned (many identical items) takes them from one pass over its g. Same items in the same order as :meth:`_search_full`; scores equal to the float32
         rounding of the similarities (~3e-7 relative; tested, with exact ties and image subsets).
         """
         import torch
@@ -1029,10 +1029,13 @@ class Recommender:
                 full.append(j)
                 continue
             cut = float(vals[j, k - 1]) - 2.0 * err[j]
-            if k < width and vals[j, width - 1] >= cut:
-                full.append(j)  # candidates may go on past what topk returned
-                continue
-            cand = idx[j][vals[j] >= cut]
+            lo = np.float32(cut)  # compared with float32 values: round the threshold down, never up
+            if lo > cut:
+                lo = np.nextafter(lo, np.float32(-np.inf))
+            if k < width and vals[j, width - 1] >= lo:  # candidates (ties) go on past what topk returned
+                cand = np.flatnonzero(g[j] >= lo)  # all of them, in index order: one pass
+            else:
+                cand = idx[j][vals[j] >= lo]
             z = ((s[j, cand] - mean_s[j]) / sd_s[j] + (f[j, cand] - mean_f[j]) / sd_f[j]) / 2.0
             top = cand[np.lexsort((cand, -z))][:k]
             zt = dict(zip(cand.tolist(), z.tolist()))
