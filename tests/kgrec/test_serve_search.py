@@ -39,6 +39,13 @@ def _variant(rec: Recommender, *, text: np.ndarray | None = None, images: bool =
     return out
 
 
+def _constant_rows(like: np.ndarray) -> np.ndarray:
+    """Every item the same unit vector (shape of ``like``): every similarity equal, zero spread."""
+    out = np.zeros(like.shape, dtype=np.float32)
+    out[:, 0] = 1.0
+    return out
+
+
 def _full_search(rec: Recommender, text: str, k: int) -> list[tuple[str, float, float]]:
     """(item id, score, text similarity) by the full computation, as written before the fast path: one query,
     every part z-scored over all items (CLIP: items without an image filled with the row minimum), mean of the
@@ -146,11 +153,8 @@ def test_two_space_ties_and_image_subsets_match_the_full_computation(serve_recom
 
 def test_two_space_constant_or_non_finite_rows_take_the_full_computation(serve_recommender):
     base = serve_recommender
-    n, dim = base.aligned_vectors["image"].shape
-    one = np.zeros(dim, dtype=np.float32)
-    one[0] = 1.0
-    has = np.ones(n, dtype=bool)
-    rec = _variant(base, image=np.tile(one, (n, 1)), has_image=has)  # CLIP part constant: zero spread
+    has = np.ones(len(base.item_ids), dtype=bool)
+    rec = _variant(base, image=_constant_rows(base.aligned_vectors["image"]), has_image=has)  # CLIP part: zero spread
     _check(rec.search_batch(["boots"], 10)[0], _full_search(rec, "boots", 10))
     bad = np.asarray(base.aligned_vectors["image"], dtype=np.float32).copy()
     bad[3, 0] = np.nan
@@ -191,10 +195,7 @@ def test_ties_from_duplicate_item_vectors_are_broken_by_item_order(serve_recomme
 
 def test_constant_and_non_finite_rows_take_the_full_computation(serve_recommender):
     base = serve_recommender
-    n, dim = base.aligned_vectors["text"].shape
-    one = np.zeros(dim, dtype=np.float32)
-    one[0] = 1.0
-    rec = _variant(base, text=np.tile(one, (n, 1)))
+    rec = _variant(base, text=_constant_rows(base.aligned_vectors["text"]))
     got = rec.search(text="boots", k=10)
     assert [r.item_id for r in got] == base.item_ids[:10] and all(r.score == 0.0 for r in got)
     bad = np.asarray(base.aligned_vectors["text"], dtype=np.float32).copy()
