@@ -220,6 +220,20 @@ def _top_k_rows(scores: np.ndarray, ks: Sequence[int]) -> list[np.ndarray]:
     return out
 
 
+def _candidates(g: np.ndarray, vals: np.ndarray, idx: np.ndarray, k: int, margin: float) -> np.ndarray:
+    """Indices (ascending) of every item of a row whose float32 score ``g`` is within ``margin`` of the k-th.
+
+    ``vals`` / ``idx`` are the row's ``torch.topk`` answer (width >= k). When its last value is still inside the
+    margin, the items tied or close past what topk returned are found by one pass over ``g``."""
+    cut = float(vals[k - 1]) - margin
+    lo = np.float32(cut)  # compared with float32 values: round the threshold down, never up
+    if lo > cut:
+        lo = np.nextafter(lo, np.float32(-np.inf))
+    if k < len(vals) and vals[-1] >= lo:
+        return np.flatnonzero(g >= lo)
+    return np.sort(idx[vals >= lo])
+
+
 def _int8_matrix(m: np.ndarray, used: np.ndarray) -> dict[str, Any]:
     """Per-row int8 form of an (I, dim) float32 matrix for :func:`_int8_coarse`.
 
@@ -896,6 +910,25 @@ class Recommender:
                                      for m in (vec["text"], vec["image"]))
         return vec["max_norms"]
 
+    def _two_space_moments(self, q64: np.ndarray, p64: np.ndarray, floor: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(mean_s, sd_s, mean_f, sd_f), (n,) float64 each: mean and spread over all items of each query's text
+        similarities (from the text moments) and of its CLIP similarities with items without an image set to
+        ``floor`` (the image moments mixed with that constant)."""
+        has = self.aligned_vectors["has_image"]
+        n_img, n_items = int(has.sum()), len(has)
+        mu_t, cov_t = self._text_moments()
+        mean_s = q64 @ mu_t
+        sd_s = np.sqrt(np.maximum(np.einsum("nd,nd->n", q64 @ cov_t, q64), 0.0))
+        mu_y, cov_y = self._image_moments()
+        mean_img = p64 @ mu_y
+        var_img = np.maximum(np.einsum("nd,nd->n", p64 @ cov_y, p64), 0.0)
+        fl64 = floor.astype(np.float64)
+        mean_f = (n_img * mean_img + (n_items - n_img) * fl64) / n_items
+        sd_f = np.sqrt(np.maximum((n_img * (var_img + (mean_img - mean_f) ** 2)
+                                   + (n_items - n_img) * (fl64 - mean_f) ** 2) / n_items, 0.0))
+        return mean_s, sd_s, mean_f, sd_f
+
     def _int8_items(self) -> dict[str, Any] | None:
         """Per-item int8 copies of the text and image matrices for a coarse first pass, or None when unusable.
 
@@ -1060,14 +1093,14 @@ class Recommender:
         bound on its rounding error (``2^-20 * (||q|| max|x| / d_s + ||p|| max|y| / d_f)``, 4x the worst case)
         of the k-th: the exact top k are among them, ties included (ordered by item index). Rows with
         (near-)constant or non-finite similarities take the full computation; a row with more candidates than
-        ``torch.topk`` returned (many identical items) takes them from one pass over its g. Same items in the same order as :meth:`_search_full`; scores equal to the float32
-        rounding of the similarities (~3e-7 relative; tested, with exact ties and image subsets).
+        ``torch.topk`` returned (many identical items) takes them from one pass over its g. Same items in the
+        same order as :meth:`_search_full`; scores equal to the float32 rounding of the similarities (~3e-7 relative; tested, with exact ties and image subsets).
         """
         import torch
 
         vec = self.aligned_vectors
         has = vec["has_image"]
-        n_img, n_items = int(has.sum()), len(has)
+        n_items = len(has)
         q = np.stack(self._query_vectors("text", texts, bf16))
         p = np.stack(self._query_vectors("clip", texts, bf16))
         int8 = self._int8_items() if int8_first else None
@@ -1078,16 +1111,8 @@ class Recommender:
         floor = np.where(has, c, np.float32(np.inf)).min(axis=1)  # the full computation's fill value, float32
         f = np.where(has, c, floor[:, None])
         finite = np.isfinite(np.add.reduce(s, axis=1)) & np.isfinite(np.add.reduce(f, axis=1))
-        q64, p64, fl64 = q.astype(np.float64), p.astype(np.float64), floor.astype(np.float64)
-        mu_t, cov_t = self._text_moments()
-        mean_s = q64 @ mu_t
-        sd_s = np.sqrt(np.maximum(np.einsum("nd,nd->n", q64 @ cov_t, q64), 0.0))
-        mu_y, cov_y = self._image_moments()
-        mean_img = p64 @ mu_y
-        var_img = np.maximum(np.einsum("nd,nd->n", p64 @ cov_y, p64), 0.0)
-        mean_f = (n_img * mean_img + (n_items - n_img) * fl64) / n_items
-        sd_f = np.sqrt(np.maximum((n_img * (var_img + (mean_img - mean_f) ** 2)
-                                   + (n_items - n_img) * (fl64 - mean_f) ** 2) / n_items, 0.0))
+        q64, p64 = q.astype(np.float64), p.astype(np.float64)
+        mean_s, sd_s, mean_f, sd_f = self._two_space_moments(q64, p64, floor)
         ok = finite & (sd_s > _MOMENT_MIN_SD) & (sd_f > _MOMENT_MIN_SD)
         a = np.where(ok, 1.0 / np.where(ok, sd_s, 1.0), 0.0)
         b = np.where(ok, 1.0 / np.where(ok, sd_f, 1.0), 0.0)
@@ -1104,14 +1129,7 @@ class Recommender:
             if not ok[j]:
                 full.append(j)
                 continue
-            cut = float(vals[j, k - 1]) - 2.0 * err[j]
-            lo = np.float32(cut)  # compared with float32 values: round the threshold down, never up
-            if lo > cut:
-                lo = np.nextafter(lo, np.float32(-np.inf))
-            if k < width and vals[j, width - 1] >= lo:  # candidates (ties) go on past what topk returned
-                cand = np.flatnonzero(g[j] >= lo)  # all of them, in index order: one pass
-            else:
-                cand = idx[j][vals[j] >= lo]
+            cand = _candidates(g[j], vals[j], idx[j], k, 2.0 * err[j])
             z = ((s[j, cand] - mean_s[j]) / sd_s[j] + (f[j, cand] - mean_f[j]) / sd_f[j]) / 2.0
             top = cand[np.lexsort((cand, -z))][:k]
             zt = dict(zip(cand.tolist(), z.tolist()))
@@ -1145,22 +1163,13 @@ class Recommender:
         s8, e_s = _int8_coarse(q, int8["text"])
         c8, e_c = _int8_coarse(p, int8["image"])
         q64, p64 = q.astype(np.float64), p.astype(np.float64)
-        mu_t, cov_t = self._text_moments()
-        mean_s = q64 @ mu_t
-        sd_s = np.sqrt(np.maximum(np.einsum("nd,nd->n", q64 @ cov_t, q64), 0.0))
-        mu_y, cov_y = self._image_moments()
-        mean_img = p64 @ mu_y
-        var_img = np.maximum(np.einsum("nd,nd->n", p64 @ cov_y, p64), 0.0)
         c_img = c8[:, img_idx]
         coarse_min = c_img.min(axis=1)
         floor = np.empty(len(texts), dtype=np.float32)
         for j in range(len(texts)):  # exact minimum: rescore every item that could hold it
             near = img_idx[np.flatnonzero(c_img[j] <= coarse_min[j] + np.float32(2.0 * e_c[j] + 1e-6))]
             floor[j] = np.einsum("id,d->i", ys[near], p[j]).min()  # as the candidates' below: ties stay exact
-        fl64 = floor.astype(np.float64)
-        mean_f = (n_img * mean_img + (n_items - n_img) * fl64) / n_items
-        sd_f = np.sqrt(np.maximum((n_img * (var_img + (mean_img - mean_f) ** 2)
-                                   + (n_items - n_img) * (fl64 - mean_f) ** 2) / n_items, 0.0))
+        mean_s, sd_s, mean_f, sd_f = self._two_space_moments(q64, p64, floor)
         ok = (sd_s > _MOMENT_MIN_SD) & (sd_f > _MOMENT_MIN_SD)
         a = np.where(ok, 1.0 / np.where(ok, sd_s, 1.0), 0.0)
         b = np.where(ok, 1.0 / np.where(ok, sd_f, 1.0), 0.0)
@@ -1182,14 +1191,7 @@ class Recommender:
             if not ok[j]:
                 slow.append(j)
                 continue
-            cut = float(vals[j, k - 1]) - 2.0 * err[j]
-            lo = np.float32(cut)  # compared with float32 values: round the threshold down, never up
-            if lo > cut:
-                lo = np.nextafter(lo, np.float32(-np.inf))
-            if k < width and vals[j, width - 1] >= lo:
-                cand = np.flatnonzero(g[j] >= lo)
-            else:
-                cand = np.sort(idx[j][vals[j] >= lo])
+            cand = _candidates(g[j], vals[j], idx[j], k, 2.0 * err[j])
             if len(cand) > INT8_MAX_CANDIDATES:
                 slow.append(j)
                 continue
