@@ -58,21 +58,12 @@ import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks import ml100k_models as mm  # noqa: E402
 from benchmarks.bench_ml100k import ML100K, OURS_CONFIG, RESULTS, TRAIN_CONFIG, data_dir  # noqa: E402
 from fusion.baselines import ItemKNN, RP3beta  # noqa: E402
 from fusion.metrics import evaluate  # noqa: E402
 
 logger = logging.getLogger("bench_ml100k_attempts")
-
-
-def ease_b(gram: np.ndarray, lam: float) -> np.ndarray:
-    """EASE item-item matrix from a (float64) Gram matrix: ``B = I - P / diag(P)``, zero diagonal."""
-    g = gram.copy()
-    g[np.diag_indices_from(g)] += lam
-    p = np.linalg.inv(g)
-    b = -p / np.diag(p)
-    b[np.diag_indices_from(b)] = 0.0
-    return b
 
 
 class Harness:
@@ -132,7 +123,7 @@ def text_vectors(d: ML100K) -> np.ndarray:
 def families(h: Harness, tr: pd.DataFrame, text: np.ndarray, seed: int = 0) -> list[dict]:
     d, X = h.d, h.X
     gram = X.T @ X
-    E = X @ ease_b(gram, 300.0)
+    E = X @ mm.ease_weights(gram, 300.0)
     Ez = h.z(E)
     out = [run_family(h, "EASE (reference)", {"lambda 300": lambda: E})]
 
@@ -143,7 +134,7 @@ def families(h: Harness, tr: pd.DataFrame, text: np.ndarray, seed: int = 0) -> l
         gw = (X * w[:, None]).T @ X
         for k in (0.5, 1.0, 2.0):
             lam = 300.0 * float(w.mean()) * k
-            grid[f"g {g}, lambda {lam:.0f}"] = lambda gw=gw, lam=lam: X @ ease_b(gw, lam)
+            grid[f"g {g}, lambda {lam:.0f}"] = lambda gw=gw, lam=lam: X @ mm.ease_weights(gw, lam)
     out.append(run_family(h, "user-weighted Gram", grid))
 
     n_i = X.sum(0) + 1.0
@@ -154,7 +145,7 @@ def families(h: Harness, tr: pd.DataFrame, text: np.ndarray, seed: int = 0) -> l
         gn = xn.T @ xn
         for k in (0.5, 1.0, 2.0):
             lam = 300.0 * float(np.mean(dm**2)) * k
-            grid[f"b {b}, lambda {lam:.0f}"] = lambda xn=xn, gn=gn, lam=lam, dm=dm: (xn @ ease_b(gn, lam)) / dm
+            grid[f"b {b}, lambda {lam:.0f}"] = lambda xn=xn, gn=gn, lam=lam, dm=dm: (xn @ mm.ease_weights(gn, lam)) / dm
     out.append(run_family(h, "item-normalised EASE", grid))
 
     xr = np.zeros_like(X)
@@ -164,7 +155,7 @@ def families(h: Harness, tr: pd.DataFrame, text: np.ndarray, seed: int = 0) -> l
         gw = w.T @ w
         sc = np.trace(gw) / np.trace(gram)
         for k in (0.7, 1.0, 1.4):
-            grid[f"{nm}, lambda x{k}"] = lambda gw=gw, lam=300.0 * sc * k: X @ ease_b(gw, lam)
+            grid[f"{nm}, lambda x{k}"] = lambda gw=gw, lam=300.0 * sc * k: X @ mm.ease_weights(gw, lam)
     out.append(run_family(h, "rating-weighted Gram", grid))
 
     day = (tr.timestamp.values - tr.timestamp.values.min()) // 86400
@@ -213,7 +204,7 @@ def _base_scores(xs: sp.csr_matrix, text: np.ndarray, n_users: int) -> dict[str,
     xd = xs.toarray().astype(np.float64)
     prof = xd @ text
     prof /= np.linalg.norm(prof, axis=1, keepdims=True) + 1e-9
-    return {"E": xd @ ease_b(xd.T @ xd, 300.0),
+    return {"E": xd @ mm.ease_weights(xd.T @ xd, 300.0),
             "R": np.asarray(RP3beta(0.8, 0.6).fit(xs).score(np.arange(n_users))),
             "K": np.asarray(ItemKNN(100, 50).fit(xs).score(np.arange(n_users))),
             "T": prof @ text.T, "pop": np.log1p(xd.sum(0)), "nu": np.log1p(xd.sum(1))}
@@ -293,7 +284,7 @@ def gnn_bag(h: Harness, text: np.ndarray, seeds: int) -> tuple[dict, np.ndarray]
     vu, vi = d.pairs["valid"]
     graph = d.hetero_data()
     X = h.X
-    Ez = h.z(X @ ease_b(X.T @ X, 300.0))
+    Ez = h.z(X @ mm.ease_weights(X.T @ X, 300.0))
     mats = []
     for s in range(seeds):
         cfg = FusionConfig(**dict(TRAIN_CONFIG, **dict(OURS_CONFIG, epochs=60, id_dropout=1.0, seed=2020 + s)))
@@ -356,7 +347,6 @@ def text_neighbour_features(text: np.ndarray, k: int = 10) -> np.ndarray:
 def new_families(h: Harness, tr: pd.DataFrame, text: np.ndarray, chosen: dict[str, np.ndarray]) -> list[dict]:
     """The fourth attempt's families (see ``benchmarks/ml100k_models.py``); ``chosen`` receives each family's
     valid-chosen score matrix for the final blend."""
-    from benchmarks import ml100k_models as mm
 
     d, X = h.d, h.X
     gram = X.T @ X
@@ -440,7 +430,7 @@ def blend(h: Harness, parts: dict[str, np.ndarray], weights: tuple[float, ...] =
     (EASE's weight never 0); test is evaluated once, for the final weights."""
     t0 = time.perf_counter()
     X = h.X
-    zs = {"EASE": h.z(X @ ease_b(X.T @ X, 300.0)), **{k: h.z(v) for k, v in parts.items()}}
+    zs = {"EASE": h.z(X @ mm.ease_weights(X.T @ X, 300.0)), **{k: h.z(v) for k, v in parts.items()}}
     w = {k: float(k == "EASE") for k in zs}
     combo = lambda w: sum(w[k] * zs[k] for k in zs if w[k])  # noqa: E731
     best, tried = h.valid_ndcg(combo(w)), 1
@@ -479,7 +469,7 @@ def main() -> None:
     load_before, t0 = os.getloadavg(), time.perf_counter()
     rows = [] if args.only_new else families(h, tr, text)
     if args.only_new:
-        rows.append(run_family(h, "EASE (reference)", {"lambda 300": lambda: h.X @ ease_b(h.X.T @ h.X, 300.0)}))
+        rows.append(run_family(h, "EASE (reference)", {"lambda 300": lambda: h.X @ mm.ease_weights(h.X.T @ h.X, 300.0)}))
     chosen: dict[str, np.ndarray] = {}
     rows += new_families(h, tr, text, chosen)
     if args.gnn_seeds:
