@@ -54,6 +54,11 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list
     return buf.getvalue()
 
 
+def _feed(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """ONNX Runtime inputs of a padded text batch (``TextEncoder.padded_batches``)."""
+    return {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()}
+
+
 class _BertQueryModule(torch.nn.Module):
     """``TextEncoder.forward_batch`` as a module of (input_ids, attention_mask) -> (b, dim) unit vectors."""
 
@@ -104,18 +109,10 @@ class OnnxTextQueryEncoder:
         self.max_abs_diff = _check(self.encode(list(PROBE_TEXTS)), encoder.encode(list(PROBE_TEXTS)), tolerance, "text")
 
     def encode(self, inputs: Sequence[str]) -> np.ndarray:
-        enc = self.encoder
         texts = [t if isinstance(t, str) else "" for t in inputs]
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if not texts:
-            return out
-        ids = enc.tokenizer(texts, truncation=True, max_length=enc.max_length, padding=False)["input_ids"]
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-        for start in range(0, len(texts), enc.batch_size):
-            idx = order[start:start + enc.batch_size]
-            batch = enc._pad([ids[i] for i in idx])
-            out[idx] = self.session.run(None, {"input_ids": batch["input_ids"].numpy(),
-                                               "attention_mask": batch["attention_mask"].numpy()})[0]
+        for rows, _, batch in self.encoder.padded_batches(texts):
+            out[rows] = self.session.run(None, _feed(batch))[0]
         return out
 
 
@@ -229,20 +226,15 @@ class OnnxSharedQueryEncoder:
         last = self._last
         if last is not None and last[0] == texts:
             return last[1], last[2]
-        enc = self.encoder
+        limit = min(self.encoder.max_length, self.context or self.encoder.max_length)
         text_out = np.zeros((len(texts), self.dims[0]), dtype=np.float32)
         clip_out = np.zeros((len(texts), self.dims[1]), dtype=np.float32)
-        if texts:
-            ids = enc.tokenizer(list(texts), truncation=True, max_length=enc.max_length, padding=False)["input_ids"]
-            order = np.argsort([-len(x) for x in ids], kind="stable")
-            for start in range(0, len(texts), enc.batch_size):
-                idx = order[start:start + enc.batch_size]
-                batch = enc._pad([ids[i] for i in idx])
-                text_out[idx], clip_out[idx] = self.session.run(None, {
-                    "input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()})
-            long = [i for i, x in enumerate(ids) if len(x) >= min(enc.max_length, self.context or enc.max_length)]
-            if long:  # maybe truncated by the text encoder: the CLIP tower sees its own (longer) context
-                clip_out[long] = self.clip_fallback([texts[i] for i in long])
+        long: list[int] = []
+        for rows, ids, batch in self.encoder.padded_batches(texts):
+            text_out[rows], clip_out[rows] = self.session.run(None, _feed(batch))
+            long += [int(r) for r, x in zip(rows, ids) if len(x) >= limit]
+        if long:  # maybe truncated by the text encoder: the CLIP tower sees its own (longer) context
+            clip_out[long] = self.clip_fallback([texts[i] for i in long])
         self._last = (texts, text_out, clip_out)
         return text_out, clip_out
 

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -193,27 +193,38 @@ class TextEncoder:
         pooled = mean_pool(out.last_hidden_state, batch["attention_mask"])
         return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
+    def padded_batches(self, texts: Sequence[str], progress: bool = False
+                       ) -> Iterator[tuple[np.ndarray, list[list[int]], dict[str, torch.Tensor]]]:
+        """``(rows, token ids, padded batch)`` for ``texts`` (strings), longest first, ``batch_size`` at a time.
+
+        Texts are truncated to ``max_length`` tokens and sorted by length so that a batch pads little; ``rows`` are
+        the positions of the batch's texts in ``texts``. Shared by :meth:`encode` and the ONNX query encoders.
+        """
+        if not len(texts):
+            return
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)["input_ids"]
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        starts = range(0, len(ids), self.batch_size)
+        if progress and len(ids) > self.batch_size:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="text", unit="batch")
+        for start in starts:
+            rows = order[start:start + self.batch_size]
+            batch_ids = [ids[i] for i in rows]
+            yield rows, batch_ids, self._pad(batch_ids)
+
     def encode(self, inputs: Sequence[str]) -> np.ndarray:
         """Texts -> ``(n, dim)`` float32, L2-normalised. Non-strings count as empty text."""
         texts = [t if isinstance(t, str) else "" for t in inputs]
-        n = len(texts)
-        out = np.zeros((n, self.dim), dtype=np.float32)
-        if n == 0:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
             return out
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)
-        ids = enc["input_ids"]
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-        batches = range(0, n, self.batch_size)
-        if self.show_progress and n > self.batch_size:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="text", unit="batch")
         was_training = self.model.training
         self.model.eval()
         use_amp = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            for start in batches:
-                idx = order[start:start + self.batch_size]
-                out[idx] = self.forward_batch(self._pad([ids[i] for i in idx])).cpu().numpy()
+            for rows, _, batch in self.padded_batches(texts, progress=self.show_progress):
+                out[rows] = self.forward_batch(batch).cpu().numpy()
         self.model.train(was_training)
         return out
