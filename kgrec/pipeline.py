@@ -910,6 +910,14 @@ class Recommender:
                                      for m in (vec["text"], vec["image"]))
         return vec["max_norms"]
 
+    def _image_index(self) -> np.ndarray:
+        """Positions of the items with an image (and, as ``aligned_vectors["no_image"]``, of those without)."""
+        vec = self.aligned_vectors
+        if "image_idx" not in vec:
+            vec["no_image"] = np.flatnonzero(~vec["has_image"])
+            vec["image_idx"] = np.flatnonzero(vec["has_image"])
+        return vec["image_idx"]
+
     def _two_space_moments(self, q64: np.ndarray, p64: np.ndarray, floor: np.ndarray
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(mean_s, sd_s, mean_f, sd_f), (n,) float64 each: mean and spread over all items of each query's text
@@ -932,12 +940,10 @@ class Recommender:
     def _int8_items(self) -> dict[str, Any] | None:
         """Per-item int8 copies of the text and image matrices for a coarse first pass, or None when unusable.
 
-        Item i's row x is stored as ``x8 = rint(x / s_i)`` with ``s_i = max|x| / 127``; with the query quantised the
-        same way (``q8``, scale t) the int32 product ``q8 . x8`` (``torch._int_mm``, exact) gives
-        ``t s_i (q8 . x8)``, within ``t s_i (0.5001 |q8|_1 + 0.5001 |x8|_1 + 0.2501 dim)`` of ``q . x``
-        (rounding terms of at most one half each, plus the float32 error of the division). Per matrix:
-        the (dim, I) int8 array, the scales, the per-row bound terms, and a row-major float32 copy for the exact
-        rescoring of candidates. None when a matrix has a non-finite value or ``torch._int_mm`` is missing.
+        One :func:`_int8_matrix` per matrix (int8 rows with per-item scales, the residual norms that bound a
+        product's error in :func:`_int8_coarse`, a row-major float32 copy for the exact rescoring of candidates).
+        None when a matrix has a non-finite value, more than 1,040 dimensions (int32 sums could round in float32)
+        or ``torch._int_mm`` is missing.
         """
         vec = self.aligned_vectors
         if "int8" not in vec:
@@ -1009,12 +1015,10 @@ class Recommender:
             parts.append(np.zeros((len(texts), vec["image"].shape[0]), dtype=np.float64))
         elif use_clip:
             s = np.stack(self._query_vectors("clip", texts, bf16)) @ vec["image"].T
-            if "no_image" not in vec:
-                vec["no_image"] = np.flatnonzero(~vec["has_image"])
-                vec["image_idx"] = np.flatnonzero(vec["has_image"])
+            image_idx = self._image_index()
             s[:, vec["no_image"]] = np.nan
             sources["clip_image"] = s
-            with_image = s[:, vec["image_idx"]]
+            with_image = s[:, image_idx]
             if np.isfinite(with_image).all():  # the usual case: NaN exactly where there is no image
                 floor = (with_image.min(axis=1) if with_image.shape[1] else np.zeros(len(s))).astype(s.dtype)
                 filled = s.copy()
@@ -1130,16 +1134,23 @@ class Recommender:
                 full.append(j)
                 continue
             cand = _candidates(g[j], vals[j], idx[j], k, 2.0 * err[j])
-            z = ((s[j, cand] - mean_s[j]) / sd_s[j] + (f[j, cand] - mean_f[j]) / sd_f[j]) / 2.0
-            top = cand[np.lexsort((cand, -z))][:k]
-            zt = dict(zip(cand.tolist(), z.tolist()))
-            out[j] = [self._result(int(i), zt[int(i)], r + 1,
-                                   sources={"text": float(s[j, i]), **({"clip_image": float(c[j, i])} if has[i] else {})})
-                      for r, i in enumerate(top)]
+            out[j] = self._two_space_results(cand, s[j, cand], c[j, cand], floor[j], k, mean_s[j], sd_s[j],
+                                             mean_f[j], sd_f[j])
         if full:
             for j, res in zip(full, self._search_full([texts[j] for j in full], [ks[j] for j in full], bf16)):
                 out[j] = res
         return out  # type: ignore[return-value]
+
+    def _two_space_results(self, cand: np.ndarray, sim: np.ndarray, clip: np.ndarray, floor: float, k: int,
+                           mean_s: float, sd_s: float, mean_f: float, sd_f: float) -> list[Recommendation]:
+        """The top ``k`` of candidate items ``cand`` by the exact score: the mean of the text z-score of ``sim`` and
+        the CLIP z-score of ``clip`` (``floor`` for items without an image), float64; ties by item index."""
+        with_image = self.aligned_vectors["has_image"][cand]
+        f = np.where(with_image, clip, floor).astype(np.float64)
+        z = ((sim - mean_s) / sd_s + (f - mean_f) / sd_f) / 2.0
+        return [self._result(int(cand[r]), float(z[r]), rank + 1,
+                             sources={"text": float(sim[r]), **({"clip_image": float(clip[r])} if with_image[r] else {})})
+                for rank, r in enumerate(np.lexsort((cand, -z))[:k])]
 
     def _search_two_spaces_int8(self, texts: Sequence[str], ks: Sequence[int], q: np.ndarray, p: np.ndarray,
                                 int8: dict[str, Any], bf16: bool = False) -> list[list[Recommendation]]:
@@ -1157,13 +1168,13 @@ class Recommender:
 
         vec = self.aligned_vectors
         has = vec["has_image"]
-        img_idx = vec.setdefault("image_idx", np.flatnonzero(has))
+        img_idx = self._image_index()
         n_img, n_items = len(img_idx), len(has)
         xs, ys = int8["text"]["rows"], int8["image"]["rows"]
         s8, e_s = _int8_coarse(q, int8["text"])
         c8, e_c = _int8_coarse(p, int8["image"])
         q64, p64 = q.astype(np.float64), p.astype(np.float64)
-        c_img = c8[:, img_idx]
+        c_img = c8 if n_img == n_items else c8[:, img_idx]  # a copy only when some items have no image
         coarse_min = c_img.min(axis=1)
         floor = np.empty(len(texts), dtype=np.float32)
         for j in range(len(texts)):  # exact minimum: rescore every item that could hold it
@@ -1196,16 +1207,9 @@ class Recommender:
                 slow.append(j)
                 continue
             # row by row, the same reduction for every row: identical item vectors get identical similarities
-            sim = np.einsum("id,d->i", xs[cand], q[j])
-            clip = np.einsum("id,d->i", ys[cand], p[j])
-            with_image = has[cand]
-            f = np.where(with_image, clip, floor[j]).astype(np.float64)
-            z = ((sim - mean_s[j]) / sd_s[j] + (f - mean_f[j]) / sd_f[j]) / 2.0
-            order = np.lexsort((cand, -z))[:k]
-            out[j] = [self._result(int(cand[r]), float(z[r]), rank + 1,
-                                   sources={"text": float(sim[r]), **({"clip_image": float(clip[r])}
-                                                                      if with_image[r] else {})})
-                      for rank, r in enumerate(order)]
+            out[j] = self._two_space_results(cand, np.einsum("id,d->i", xs[cand], q[j]),
+                                             np.einsum("id,d->i", ys[cand], p[j]), floor[j], k, mean_s[j], sd_s[j],
+                                             mean_f[j], sd_f[j])
         if slow:
             for j, res in zip(slow, self._search_two_spaces([texts[j] for j in slow], [ks[j] for j in slow], bf16,
                                                             int8_first=False)):
