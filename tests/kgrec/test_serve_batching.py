@@ -253,8 +253,9 @@ def test_kgrec_serve_workers_runs_that_many_processes(serve_recommender, tmp_pat
 
         conns = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(64)]
         try:
-            closed, rounds = 0, 0
-            for rounds in range(1, 121):
+            closed, rounds, until = 0, 0, time.monotonic() + 90
+            while time.monotonic() < until:  # by time: on a loaded machine a round is slow
+                rounds += 1
                 for j, c in enumerate(conns):
                     if request(c):
                         c.close()
@@ -265,7 +266,9 @@ def test_kgrec_serve_workers_runs_that_many_processes(serve_recommender, tmp_pat
                 if sum(counts) == 64 and max(counts) == 32:
                     break
             assert sum(counts) == 64 and max(counts) == 32, (counts, closed, rounds)
-            assert closed <= 64, closed  # corrections, not a storm of reconnects
+            # corrections, not a storm: each close moves a connection with probability 1/2, so a start of 44/20
+            # (excess 12, p ~ 0.3 %) needs ~50 on average; measured 23-37 for the usual starts
+            assert closed <= 192, (closed, rounds)
         finally:
             for c in conns:
                 c.close()
