@@ -181,9 +181,7 @@ def derive_image_bundle(bundle: Path, share: float, out: Path, seed: int = 0) ->
     image = np.where(has[:, None], emb.clip_text, 0.0).astype(np.float32)
     status = [STATUS_EMBEDDED if h else st for h, st in zip(has, emb.status)]
     reason = ["" if h else r for h, r in zip(has, emb.reason)]
-    for name in ("embeddings.safetensors", "items.json"):
-        (emb_dir / name).unlink()  # hard links: never write through them into the original bundle
-    shutil.rmtree(emb_dir)
+    shutil.rmtree(emb_dir)  # unlinks the hard links: the original bundle's files are untouched
     ItemEmbeddings(item_ids=emb.item_ids, text=emb.text, image=image, clip_text=emb.clip_text, status=status,
                    reason=reason, model_ids=emb.model_ids).save(emb_dir)
     manifest_path = tmp / "manifest.json"
