@@ -1,0 +1,175 @@
+"""Graph-filter recommenders tried against EASE on ml-100k (issue #6, filter families).
+
+Every function takes the dense (num_users, num_items) 0/1 float64 interaction matrix ``X`` (the benchmark passes
+the train split only) and returns a (num_users, num_items) float64 score matrix; the caller masks seen items and
+ranks. Everything is a closed form in numpy (deterministic: eigendecompositions by ``numpy.linalg.eigh``, no random
+starts), so the results depend only on ``X`` and the arguments.
+
+The common object is the normalised item-item graph of Shen et al. 2021:
+
+* ``R~ = D_u^-1/2 X D_i^-1/2`` (``D_u``, ``D_i``: user and item degrees; a zero degree gives a zero row/column),
+  ``P~ = R~' R~`` (num_items, num_items), symmetric, eigenvalues in [0, 1];
+* the *ideal low-pass filter* keeps the top-``k`` eigenvectors ``V_k`` of ``P~`` (the top right singular vectors of
+  ``R~``), mapped back to the raw item space as ``D_i^-1/2 V_k V_k' D_i^1/2``.
+
+Models:
+
+* ``gf_cf_scores`` (GF-CF, Shen et al., CIKM 2021, "How powerful is graph convolution for recommendation?"):
+  ``X P~ + alpha X D_i^-1/2 V_k V_k' D_i^1/2``.
+* ``bspm_scores`` (BSPM, Choi et al., SIGIR 2023, "Blurring-sharpening process models for collaborative
+  filtering"): the blurring ODE ``dx/dt = x (P~ - I)`` then the sharpening ODE ``dx/dt = -x P~``, both solved with
+  explicit Euler steps, which makes each one a matrix polynomial: blurring over time ``T_b`` in ``K_b`` steps is
+  ``((1 - h) I + h P~)^K_b`` with ``h = T_b / K_b``, sharpening over ``T_s`` in ``K_s`` steps is
+  ``(I - h P~)^K_s``. The ideal low-pass output (weight ``beta``) is added before sharpening ("final sharpening",
+  the paper's default) or after it ("early merge").
+* ``turbo_cf_scores`` (after Turbo-CF, Park et al., SIGIR 2024, "Turbo-CF: matrix decomposition-free graph
+  filtering for fast recommendation"): no eigendecomposition; the item graph ``P~`` is sharpened element-wise
+  (``P~^(o s)``, entries raised to the power ``s``), re-normalised symmetrically by its row sums (eigenvalues then in
+  [-1, 1]) and filtered by a polynomial ``sum_j c_j P^j``, e.g. ``2 P - P^2`` (a low-pass filter steeper than ``P``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from kgrec.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _inverse_power(degrees: np.ndarray, exponent: float) -> np.ndarray:
+    """``degrees ** -exponent`` with 0 where a degree is 0 (an item nobody took stays out of the graph)."""
+    out = np.zeros_like(degrees, dtype=np.float64)
+    nz = degrees > 0
+    out[nz] = degrees[nz] ** -exponent
+    return out
+
+
+def normalized_item_graph(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``P~ = R~' R~`` with ``R~ = D_u^-1/2 X D_i^-1/2``.
+
+    Args:
+        x: (num_users, num_items) interactions, 0/1 float64.
+
+    Returns:
+        ``P~`` (num_items, num_items) symmetric, eigenvalues in [0, 1], and the item degrees (num_items,).
+    """
+    du = x.sum(1)
+    di = x.sum(0)
+    r = x * _inverse_power(du, 0.5)[:, None] * _inverse_power(di, 0.5)[None, :]
+    return r.T @ r, di
+
+
+def top_eigenvectors(p: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` eigenvectors of the symmetric ``p`` with the largest eigenvalues, (num_items, k), by ``eigh``."""
+    n = p.shape[0]
+    if not 1 <= k <= n:
+        raise ConfigError(f"ideal low-pass filter: k={k} must be in [1, {n}] (the number of items)")
+    _, vecs = np.linalg.eigh(p)
+    return vecs[:, ::-1][:, :k]
+
+
+def ideal_low_pass(p: np.ndarray, item_degrees: np.ndarray, k: int) -> np.ndarray:
+    """GF-CF's ideal low-pass filter in the raw item space: ``D_i^-1/2 V_k V_k' D_i^1/2`` (num_items, num_items)."""
+    v = top_eigenvectors(p, k)
+    left = v * _inverse_power(item_degrees, 0.5)[:, None]
+    right = v.T * np.sqrt(item_degrees)[None, :]
+    return left @ right
+
+
+def gf_cf_scores(x: np.ndarray, k: int, alpha: float) -> np.ndarray:
+    """GF-CF (Shen et al. 2021): ``X P~ + alpha X D_i^-1/2 V_k V_k' D_i^1/2``.
+
+    Args:
+        x: (num_users, num_items) 0/1 float64 interactions.
+        k: number of eigenvectors in the ideal low-pass filter.
+        alpha: weight of the ideal low-pass term (0 gives the linear filter ``X P~`` alone).
+
+    Returns:
+        (num_users, num_items) float64 scores.
+    """
+    p, di = normalized_item_graph(x)
+    filt = p if alpha == 0.0 else p + alpha * ideal_low_pass(p, di, k)
+    return x @ filt
+
+
+def _euler_polynomial(p: np.ndarray, a: float, b: float, steps: int) -> np.ndarray:
+    """``(a I + b P)^steps`` (num_items, num_items), by repeated multiplication."""
+    step = b * p
+    step[np.diag_indices_from(step)] += a
+    out = np.eye(p.shape[0])
+    for _ in range(steps):
+        out = out @ step
+    return out
+
+
+def bspm_scores(
+    x: np.ndarray,
+    k: int,
+    beta: float,
+    t_blur: float = 1.0,
+    steps_blur: int = 1,
+    t_sharp: float = 1.0,
+    steps_sharp: int = 1,
+    final_sharpening: bool = True,
+) -> np.ndarray:
+    """BSPM (Choi et al. 2023) with explicit Euler steps on both ODEs.
+
+    Blurring ``dx/dt = x (P~ - I)`` for ``t_blur`` in ``steps_blur`` steps, sharpening ``dx/dt = -x P~`` for
+    ``t_sharp`` in ``steps_sharp`` steps (``t_sharp = 0`` switches sharpening off). The ideal low-pass output
+    ``beta X D_i^-1/2 V_k V_k' D_i^1/2`` is added to the blurred signal before sharpening when
+    ``final_sharpening`` (the paper's default), else to the sharpened one.
+
+    Args:
+        x: (num_users, num_items) 0/1 float64 interactions.
+        k: eigenvectors in the ideal low-pass filter (unused when ``beta`` is 0).
+        beta: weight of the ideal low-pass output.
+        t_blur, steps_blur, t_sharp, steps_sharp: ODE horizons and Euler step counts (steps >= 1).
+        final_sharpening: merge the ideal low-pass output before (True) or after (False) sharpening.
+
+    Returns:
+        (num_users, num_items) float64 scores.
+    """
+    if steps_blur < 1 or steps_sharp < 1:
+        raise ConfigError(f"BSPM: Euler step counts must be >= 1, got steps_blur={steps_blur}, steps_sharp={steps_sharp}")
+    p, di = normalized_item_graph(x)
+    h_b = t_blur / steps_blur
+    blur = _euler_polynomial(p, 1.0 - h_b, h_b, steps_blur)
+    sharp = _euler_polynomial(p, 1.0, -t_sharp / steps_sharp, steps_sharp)
+    if beta == 0.0:
+        return x @ (blur @ sharp)
+    idl = beta * ideal_low_pass(p, di, k)
+    filt = (blur + idl) @ sharp if final_sharpening else blur @ sharp + idl
+    return x @ filt
+
+
+def turbo_cf_scores(x: np.ndarray, coefficients: Sequence[float], power: float = 1.0) -> np.ndarray:
+    """A Turbo-CF style polynomial filter: ``X sum_j c_j P^j`` with ``P = D^-1/2 (P~^(o power)) D^-1/2``.
+
+    ``P~`` is GF-CF's normalised item graph, raised element-wise to ``power`` (> 1 sharpens it: weak co-occurrences
+    shrink faster than strong ones), then normalised symmetrically by its row sums ``D`` (so its eigenvalues lie in
+    [-1, 1] and the polynomial is a graph filter in the usual sense).
+
+    Args:
+        x: (num_users, num_items) 0/1 float64 interactions.
+        coefficients: ``c_1, c_2, ...`` of ``P^1, P^2, ...`` (no constant term: ``c_0 I`` only adds the seen items).
+        power: element-wise exponent on ``P~``.
+
+    Returns:
+        (num_users, num_items) float64 scores.
+    """
+    if len(coefficients) == 0:
+        raise ConfigError("turbo_cf_scores: give at least one polynomial coefficient (of P^1)")
+    p_tilde, _ = normalized_item_graph(x)
+    ps = p_tilde**power
+    d = _inverse_power(ps.sum(1), 0.5)
+    p = ps * d[:, None] * d[None, :]
+    filt = np.zeros_like(p)
+    term = np.eye(p.shape[0])
+    for c in coefficients:
+        term = term @ p
+        if c:
+            filt += c * term
+    return x @ filt

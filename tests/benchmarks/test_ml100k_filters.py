@@ -1,0 +1,98 @@
+"""The ml-100k graph-filter models on tiny matrices, against values worked out by hand."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.linalg import expm
+
+from benchmarks.ml100k_filters import (
+    bspm_scores,
+    gf_cf_scores,
+    ideal_low_pass,
+    normalized_item_graph,
+    turbo_cf_scores,
+)
+from kgrec.errors import ConfigError
+
+# 3 users x 2 items, both items of degree 2: P~ = [[3/4, 1/4], [1/4, 3/4]], eigenvalues 1 ([1, 1]) and 1/2 ([1, -1])
+X2 = np.array([[1, 1], [1, 0], [0, 1]], dtype=np.float64)
+# 5 users x 4 items; item degrees 4, 3, 3, 1; user degrees 2, 3, 3, 2, 1; one connected graph
+X = np.array(
+    [[1, 1, 0, 0],
+     [1, 1, 1, 0],
+     [1, 1, 0, 1],
+     [1, 0, 1, 0],
+     [0, 0, 1, 0]],
+    dtype=np.float64,
+)
+# the difference of the two eigenvectors: the part of a filter that separates the two items
+SPLIT = np.array([[1.0, -1.0], [-1.0, 1.0]]) / 2.0
+
+
+def test_normalized_item_graph_by_hand() -> None:
+    p, di = normalized_item_graph(X2)
+    np.testing.assert_allclose(p, [[0.75, 0.25], [0.25, 0.75]])
+    np.testing.assert_array_equal(di, [2.0, 2.0])
+    p4, _ = normalized_item_graph(X)
+    # items 0 and 1 share users 0 (degree 2), 1 and 2 (degree 3): (1/2 + 1/3 + 1/3) / sqrt(4 * 3)
+    assert p4[0, 1] == pytest.approx((1 / 2 + 2 / 3) / np.sqrt(12.0))
+    # an item nobody took has an all-zero row and column (no division by zero)
+    p0, _ = normalized_item_graph(np.column_stack([X, np.zeros(5)]))
+    assert np.all(p0[4] == 0.0) and np.all(np.isfinite(p0))
+
+
+def test_ideal_low_pass_with_one_eigenvector_is_popularity() -> None:
+    # the top eigenvector of P~ is D_i^1/2 (eigenvalue 1), so D_i^-1/2 v v' D_i^1/2 has every row d / sum(d)
+    p, di = normalized_item_graph(X)
+    low = ideal_low_pass(p, di, 1)
+    np.testing.assert_allclose(low, np.tile(di / di.sum(), (4, 1)), atol=1e-12)
+    # all eigenvectors: the identity
+    np.testing.assert_allclose(ideal_low_pass(p, di, 4), np.eye(4), atol=1e-10)
+    with pytest.raises(ConfigError, match="k=5"):
+        ideal_low_pass(p, di, 5)
+
+
+def test_gf_cf_is_the_linear_filter_plus_alpha_times_the_ideal_low_pass() -> None:
+    s = gf_cf_scores(X2, k=1, alpha=0.3)
+    # user 1 = [1, 0]: P~ row 0 plus 0.3 * [1/2, 1/2]
+    np.testing.assert_allclose(s[1], [0.75 + 0.15, 0.25 + 0.15])
+    np.testing.assert_allclose(gf_cf_scores(X2, k=1, alpha=0.0), X2 @ normalized_item_graph(X2)[0])
+    # 4 items, k = 1: the ideal term adds |user| * d_j / 11
+    s4 = gf_cf_scores(X, 1, 2.0) - gf_cf_scores(X, 1, 0.0)
+    np.testing.assert_allclose(s4[2], 2.0 * 3.0 * np.array([4, 3, 3, 1]) / 11.0, atol=1e-12)
+
+
+def test_bspm_one_euler_step_each_is_p_times_i_minus_p() -> None:
+    # blur P (eigenvalues 1, 1/2), sharpen I - P (0, 1/2): P (I - P) = 1/4 on the splitting eigenvector only
+    s = bspm_scores(X2, k=1, beta=0.0, t_blur=1.0, steps_blur=1, t_sharp=1.0, steps_sharp=1)
+    np.testing.assert_allclose(s[1], 0.25 * SPLIT[0], atol=1e-12)
+    # the ideal low-pass with k = 1 is the eigenvalue-1 projection, which sharpening (I - P) removes ...
+    np.testing.assert_allclose(bspm_scores(X2, 1, 0.7, 1.0, 1, 1.0, 1, final_sharpening=True), s, atol=1e-12)
+    # ... unless it is merged after sharpening: + 0.7 * [1/2, 1/2] for user [1, 0]
+    late = bspm_scores(X2, 1, 0.7, 1.0, 1, 1.0, 1, final_sharpening=False)
+    np.testing.assert_allclose(late[1] - s[1], [0.35, 0.35], atol=1e-12)
+
+
+def test_bspm_euler_steps_are_matrix_powers_and_converge_to_the_ode() -> None:
+    # blur 1 in 2 steps: ((I + P) / 2)^2 -> (3/4)^2 on the splitting eigenvector; sharpen 2 in 2 steps: (I - P)^2
+    # -> (1/2)^2; the eigenvalue-1 direction goes to 0
+    s = bspm_scores(X2, 1, 0.0, t_blur=1.0, steps_blur=2, t_sharp=2.0, steps_sharp=2)
+    np.testing.assert_allclose(s[1], (9 / 16) * (1 / 4) * SPLIT[0], atol=1e-12)
+    # many small steps solve dx/dt = x (P - I) then dx/dt = -x P: exp(T_b (P - I)) exp(-T_s P)
+    p, _ = normalized_item_graph(X)
+    exact = X @ expm(0.8 * (p - np.eye(4))) @ expm(-1.5 * p)
+    fine = bspm_scores(X, 1, 0.0, t_blur=0.8, steps_blur=4000, t_sharp=1.5, steps_sharp=4000)
+    np.testing.assert_allclose(fine, exact, atol=1e-3)
+    with pytest.raises(ConfigError, match="steps_sharp=0"):
+        bspm_scores(X, 1, 0.0, steps_sharp=0)
+
+
+def test_turbo_cf_sharpens_renormalises_and_applies_the_polynomial() -> None:
+    # power 1: P~ rows already sum to 1 here, so P = P~ and the linear filter is GF-CF's
+    np.testing.assert_allclose(turbo_cf_scores(X2, [1.0], 1.0), gf_cf_scores(X2, 1, 0.0), atol=1e-12)
+    # power 2: [[9, 1], [1, 9]] / 16, row sums 10/16 -> P = [[0.9, 0.1], [0.1, 0.9]]; 2P - P^2 = [[0.98, 0.02], ...]
+    s = turbo_cf_scores(X2, [2.0, -1.0], 2.0)
+    np.testing.assert_allclose(s[1], [0.98, 0.02], atol=1e-12)
+    np.testing.assert_allclose(s[0], [1.0, 1.0], atol=1e-12)
+    with pytest.raises(ConfigError, match="coefficient"):
+        turbo_cf_scores(X2, [], 1.0)
