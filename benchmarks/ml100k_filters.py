@@ -173,3 +173,45 @@ def turbo_cf_scores(x: np.ndarray, coefficients: Sequence[float], power: float =
         if c:
             filt += c * term
     return x @ filt
+
+
+def nonnegative_ease_weights(
+    gram: np.ndarray, lam: float, l1: float = 0.0, rho: float | None = None, iterations: int = 100
+) -> np.ndarray:
+    """EASE with non-negative weights (and an optional L1 penalty), i.e. SLIM solved by ADMM (Steck et al., WSDM
+    2020, "ADMM SLIM").
+
+    Minimises ``1/2 ||X - X B||^2 + lam/2 ||B||^2 + l1 sum(B)`` subject to ``B >= 0`` and ``diag(B) = 0`` through the
+    split ``B = C``: ``B`` gets the zero-diagonal ridge solution with the extra penalty ``rho/2 ||B - C + U||^2``,
+    ``C = max(B + U - l1 / rho, 0)`` (zero diagonal), ``U += B - C``. Without the constraint this is EASE with the
+    same ``lam``.
+
+    Args:
+        gram: ``X'X`` (num_items, num_items).
+        lam: L2 penalty (EASE's lambda).
+        l1: L1 penalty (>= 0) on the weights.
+        rho: ADMM step; defaults to ``lam``.
+        iterations: ADMM iterations.
+
+    Returns:
+        ``C`` (num_items, num_items): non-negative weights with a zero diagonal.
+    """
+    if lam < 0 or l1 < 0:
+        raise ConfigError(f"non-negative EASE: lam={lam} and l1={l1} must be >= 0")
+    rho = float(lam if rho is None else rho)
+    if rho <= 0:
+        raise ConfigError(f"non-negative EASE: the ADMM step rho={rho} must be > 0 (give rho when lam is 0)")
+    n = gram.shape[0]
+    p = np.linalg.inv(gram + (lam + rho) * np.eye(n))
+    pg = p @ gram
+    c = np.zeros_like(gram)
+    u = np.zeros_like(gram)
+    for _ in range(iterations):
+        rhs = pg + rho * (p @ (c - u))
+        b = rhs - p * (np.diag(rhs) / np.diag(p))[None, :]
+        np.fill_diagonal(b, 0.0)
+        c = np.maximum(b + u - l1 / rho, 0.0)
+        np.fill_diagonal(c, 0.0)
+        u += b - c
+    logger.debug("non-negative EASE: primal residual %.3g after %d iterations", np.abs(b - c).max(), iterations)
+    return c

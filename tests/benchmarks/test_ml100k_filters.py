@@ -96,3 +96,30 @@ def test_turbo_cf_sharpens_renormalises_and_applies_the_polynomial() -> None:
     np.testing.assert_allclose(s[0], [1.0, 1.0], atol=1e-12)
     with pytest.raises(ConfigError, match="coefficient"):
         turbo_cf_scores(X2, [], 1.0)
+
+
+def test_nonnegative_ease_matches_per_column_nnls() -> None:
+    from scipy.optimize import nnls
+
+    from benchmarks.ml100k_filters import nonnegative_ease_weights
+    from benchmarks.ml100k_models import ease_weights
+
+    rng = np.random.default_rng(0)
+    x = (rng.random((30, 6)) < 0.4).astype(np.float64)
+    lam = 2.0
+    c = nonnegative_ease_weights(x.T @ x, lam, iterations=3000)
+    assert np.all(c >= 0.0) and np.all(np.diag(c) == 0.0)
+    # each column j is a non-negative ridge regression of item j on the other items: NNLS on [X_-j; sqrt(lam) I]
+    for j in range(6):
+        others = [i for i in range(6) if i != j]
+        a = np.vstack([x[:, others], np.sqrt(lam) * np.eye(5)])
+        ref, _ = nnls(a, np.concatenate([x[:, j], np.zeros(5)]))
+        np.testing.assert_allclose(c[others, j], ref, atol=1e-6)
+    # where EASE has no negative weight the constraint is inactive: two items, B[0, 1] = 3 / (4 + 2)
+    two = X[:, :2]
+    np.testing.assert_allclose(nonnegative_ease_weights(two.T @ two, 2.0, iterations=500), ease_weights(two.T @ two, 2.0),
+                               atol=1e-9)
+    # the EASE solution of this x has negative weights, which the constrained one sets to 0
+    assert ease_weights(x.T @ x, lam).min() < -0.01
+    with pytest.raises(ConfigError, match="rho=0.0"):
+        nonnegative_ease_weights(x.T @ x, 0.0)
