@@ -95,6 +95,35 @@ def gf_cf_scores(x: np.ndarray, k: int, alpha: float) -> np.ndarray:
     return x @ filt
 
 
+def time_local_item_graph(
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, num_items: int, tau: float
+) -> np.ndarray:
+    """``P~`` with a user's two items weighted by ``exp(-|t_ui - t_uj| / tau)``, scaled to top eigenvalue 1.
+
+    ``sum_u (1 / n_u) k_u(i, j)`` with ``k_u(i, j) = exp(-|t_ui - t_uj| / tau)`` (1 on the diagonal), normalised by
+    ``D_i^-1/2 . D_i^-1/2`` like ``P~`` (``tau -> infinity`` gives ``P~`` itself), then divided by its largest
+    eigenvalue so that BSPM's Euler steps keep their meaning. Items rated in one sitting count fully, items rated
+    months apart barely (the time-local co-occurrence of ``benchmarks.ml100k_models.time_local_gram``).
+
+    Args:
+        users, items: (n,) int interaction indices (no duplicate pairs); timestamps: (n,) seconds; tau: seconds.
+
+    Returns:
+        (num_items, num_items) float64, symmetric.
+    """
+    if tau <= 0:
+        raise ConfigError(f"time_local_item_graph: tau={tau} must be > 0 seconds")
+    g = np.zeros((num_items, num_items))
+    order = np.argsort(users, kind="stable")
+    users, items, ts = users[order], items[order], np.asarray(timestamps, dtype=np.float64)[order]
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    for it, t in zip(np.split(items, bounds), np.split(ts, bounds)):
+        g[np.ix_(it, it)] += np.exp(-np.abs(t[:, None] - t[None, :]) / tau) / len(it)
+    d = _inverse_power(np.bincount(items, minlength=num_items).astype(np.float64), 0.5)
+    g *= d[:, None] * d[None, :]
+    return g / np.linalg.eigvalsh(g)[-1]
+
+
 def _euler_polynomial(p: np.ndarray, a: float, b: float, steps: int) -> np.ndarray:
     """``(a I + b P)^steps`` (num_items, num_items), by repeated multiplication."""
     step = b * p
@@ -114,6 +143,7 @@ def bspm_scores(
     t_sharp: float = 1.0,
     steps_sharp: int = 1,
     final_sharpening: bool = True,
+    graph: np.ndarray | None = None,
 ) -> np.ndarray:
     """BSPM (Choi et al. 2023) with explicit Euler steps on both ODEs.
 
@@ -128,19 +158,24 @@ def bspm_scores(
         beta: weight of the ideal low-pass output.
         t_blur, steps_blur, t_sharp, steps_sharp: ODE horizons and Euler step counts (steps >= 1).
         final_sharpening: merge the ideal low-pass output before (True) or after (False) sharpening.
+        graph: (num_items, num_items) symmetric item graph with top eigenvalue 1 for the two ODEs (e.g.
+            ``time_local_item_graph``); default ``P~``. The ideal low-pass filter always comes from ``P~``.
 
     Returns:
         (num_users, num_items) float64 scores.
     """
     if steps_blur < 1 or steps_sharp < 1:
         raise ConfigError(f"BSPM: Euler step counts must be >= 1, got steps_blur={steps_blur}, steps_sharp={steps_sharp}")
-    p, di = normalized_item_graph(x)
+    p_plain, di = normalized_item_graph(x)
+    p = p_plain if graph is None else graph
+    if p.shape != p_plain.shape:
+        raise ConfigError(f"BSPM: graph has shape {p.shape}, expected {p_plain.shape} (num_items x num_items)")
     h_b = t_blur / steps_blur
     blur = _euler_polynomial(p, 1.0 - h_b, h_b, steps_blur)
     sharp = _euler_polynomial(p, 1.0, -t_sharp / steps_sharp, steps_sharp)
     if beta == 0.0:
         return x @ (blur @ sharp)
-    idl = beta * ideal_low_pass(p, di, k)
+    idl = beta * ideal_low_pass(p_plain, di, k)
     filt = (blur + idl) @ sharp if final_sharpening else blur @ sharp + idl
     return x @ filt
 

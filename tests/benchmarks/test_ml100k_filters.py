@@ -123,3 +123,20 @@ def test_nonnegative_ease_matches_per_column_nnls() -> None:
     assert ease_weights(x.T @ x, lam).min() < -0.01
     with pytest.raises(ConfigError, match="rho=0.0"):
         nonnegative_ease_weights(x.T @ x, 0.0)
+
+
+def test_time_local_item_graph_weights_pairs_by_time_gap() -> None:
+    from benchmarks.ml100k_filters import time_local_item_graph
+
+    # X2 as events: user 0 rated items 0 and 1 ten seconds apart, users 1 and 2 one item each
+    users, items, ts = np.array([0, 0, 1, 2]), np.array([0, 1, 0, 1]), np.array([0.0, 10.0, 5.0, 7.0])
+    g = time_local_item_graph(users, items, ts, 2, tau=10.0)
+    # before scaling: diagonal 1/2 + 1 (over degree 2) = 3/4, off-diagonal e^-1 / 2 / 2; top eigenvalue 3/4 + e^-1/4
+    top = 0.75 + np.exp(-1.0) / 4
+    np.testing.assert_allclose(g, np.array([[0.75, np.exp(-1.0) / 4], [np.exp(-1.0) / 4, 0.75]]) / top)
+    # tau -> infinity: P~ (top eigenvalue already 1)
+    p, _ = normalized_item_graph(X2)
+    np.testing.assert_allclose(time_local_item_graph(users, items, ts, 2, 1e18), p, atol=1e-12)
+    np.testing.assert_allclose(bspm_scores(X2, 1, 0.2, graph=p), bspm_scores(X2, 1, 0.2), atol=1e-12)
+    with pytest.raises(ConfigError, match="shape"):
+        bspm_scores(X2, 1, 0.2, graph=np.eye(3))
