@@ -165,7 +165,9 @@ def bspm_scores(
         (num_users, num_items) float64 scores.
     """
     if steps_blur < 1 or steps_sharp < 1:
-        raise ConfigError(f"BSPM: Euler step counts must be >= 1, got steps_blur={steps_blur}, steps_sharp={steps_sharp}")
+        raise ConfigError(
+            f"BSPM: Euler step counts must be >= 1, got steps_blur={steps_blur}, steps_sharp={steps_sharp}"
+        )
     p_plain, di = normalized_item_graph(x)
     p = p_plain if graph is None else graph
     if p.shape != p_plain.shape:

@@ -117,8 +117,8 @@ def test_nonnegative_ease_matches_per_column_nnls() -> None:
         np.testing.assert_allclose(c[others, j], ref, atol=1e-6)
     # where EASE has no negative weight the constraint is inactive: two items, B[0, 1] = 3 / (4 + 2)
     two = X[:, :2]
-    np.testing.assert_allclose(nonnegative_ease_weights(two.T @ two, 2.0, iterations=500), ease_weights(two.T @ two, 2.0),
-                               atol=1e-9)
+    g2 = two.T @ two
+    np.testing.assert_allclose(nonnegative_ease_weights(g2, 2.0, iterations=500), ease_weights(g2, 2.0), atol=1e-9)
     # the EASE solution of this x has negative weights, which the constrained one sets to 0
     assert ease_weights(x.T @ x, lam).min() < -0.01
     with pytest.raises(ConfigError, match="rho=0.0"):
