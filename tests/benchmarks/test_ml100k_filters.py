@@ -140,3 +140,26 @@ def test_time_local_item_graph_weights_pairs_by_time_gap() -> None:
     np.testing.assert_allclose(bspm_scores(X2, 1, 0.2, graph=p), bspm_scores(X2, 1, 0.2), atol=1e-12)
     with pytest.raises(ConfigError, match="shape"):
         bspm_scores(X2, 1, 0.2, graph=np.eye(3))
+
+
+def test_nonnegative_ease_l1_matches_a_bounded_quadratic_solver() -> None:
+    from scipy.optimize import minimize
+
+    from benchmarks.ml100k_filters import nonnegative_ease_weights
+
+    rng = np.random.default_rng(4)
+    x = (rng.random((25, 4)) < 0.5).astype(np.float64)
+    lam, l1 = 1.0, 0.8
+    c = nonnegative_ease_weights(x.T @ x, lam, l1, iterations=3000)
+    for j in range(4):
+        a = np.delete(x, j, axis=1)
+
+        def objective(b: np.ndarray, a: np.ndarray = a, j: int = j) -> tuple[float, np.ndarray]:
+            r = a @ b - x[:, j]
+            return 0.5 * r @ r + 0.5 * lam * b @ b + l1 * b.sum(), a.T @ r + lam * b + l1
+
+        ref = minimize(objective, np.zeros(3), jac=True, bounds=[(0, None)] * 3, method="L-BFGS-B",
+                       options={"ftol": 1e-15, "gtol": 1e-12}).x
+        np.testing.assert_allclose(np.delete(c[:, j], j), ref, atol=1e-5)
+    # a large enough L1 penalty switches every weight off
+    assert np.all(nonnegative_ease_weights(x.T @ x, lam, 100.0, iterations=50) == 0.0)
