@@ -1,0 +1,124 @@
+"""The ml-100k two-stage model: folds, features and the re-ranker's training set on small generated data."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks import ml100k_stack as ms
+from kgrec.errors import ConfigError
+
+NUM_USERS, NUM_ITEMS = 40, 60
+
+
+def _frame(seed: int = 0) -> pd.DataFrame:
+    """Users in two taste groups (items 0-29 / 30-59), 12-20 interactions each, ratings 1-5, timestamps in
+    sessions."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(NUM_USERS):
+        lo = 0 if u % 2 == 0 else 30
+        n = int(rng.integers(12, 21))
+        items = rng.choice(np.arange(lo, lo + 30), size=n, replace=False)
+        start = 880_000_000 + int(rng.integers(0, 10_000_000))
+        for k, i in enumerate(items):
+            rows.append((u, int(i), float(rng.integers(1, 6)), float(start + 30 * k)))
+    return pd.DataFrame(rows, columns=["u", "i", "rating", "timestamp"])
+
+
+def _side() -> ms.SideInfo:
+    rng = np.random.default_rng(1)
+    genres = (rng.random((NUM_ITEMS, 4)) < 0.4).astype(np.float64)
+    year = rng.integers(1950, 1998, NUM_ITEMS).astype(np.float64)
+    year[3] = np.nan  # an item without a release year
+    return ms.SideInfo(year=year, genres=genres, age=rng.integers(18, 70, NUM_USERS).astype(np.float64),
+                       gender=(rng.random(NUM_USERS) < 0.5).astype(np.float64),
+                       occupation=rng.integers(0, 5, NUM_USERS).astype(np.float64))
+
+
+def test_fold_assignment_spreads_every_user_evenly_and_is_seeded() -> None:
+    frame = _frame()
+    folds = ms.fold_assignment(frame.u.to_numpy(), 5, seed=3)
+    assert folds.min() == 0 and folds.max() == 4
+    for _, f in pd.Series(folds).groupby(frame.u.to_numpy()):
+        sizes = np.bincount(f.to_numpy(), minlength=5)
+        assert sizes.max() - sizes.min() <= 1  # every fold holds ~1/5 of every user
+    assert np.array_equal(folds, ms.fold_assignment(frame.u.to_numpy(), 5, seed=3))
+    assert not np.array_equal(folds, ms.fold_assignment(frame.u.to_numpy(), 5, seed=4))
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        ms.fold_assignment(frame.u.to_numpy(), 1)
+
+
+def test_row_z_standardises_over_unmasked_items_only() -> None:
+    s = np.array([[1.0, 2.0, 3.0, 100.0]])
+    mask = np.array([[False, False, False, True]])
+    z = ms.row_z(s, mask)
+    # mean 2, population std sqrt(2/3) over the first three items; the masked 100 does not count
+    assert z[0, :3] == pytest.approx([-1 / np.sqrt(2 / 3), 0.0, 1 / np.sqrt(2 / 3)], abs=1e-6)
+    assert z[0, 3] == pytest.approx(98 / np.sqrt(2 / 3), rel=1e-6)
+
+
+def test_near_share_counts_the_items_ratings_close_to_one_user_rating() -> None:
+    frame = pd.DataFrame({"u": [0, 0, 1, 2, 3], "i": [0, 1, 1, 1, 1], "rating": [4.0] * 5,
+                          "timestamp": [1000.0, 5000.0, 1500.0, 4000.0, 90_000.0]})
+    st = ms._stats(frame, 4, 2, ms.SideInfo(year=np.zeros(2), genres=np.zeros((2, 1)), age=np.zeros(4),
+                                               gender=np.zeros(4), occupation=np.zeros(4)))
+    # item 1 is rated at 1500, 4000, 5000, 90000; user 0 rated at 1000 and 5000: within 3600 s of 1000 -> {1500},
+    # of 5000 -> {1500, 4000, 5000}: the larger window count is 3 of item 1's 4 ratings
+    out = ms._near_share(st, np.array([0, 0]), np.array([1, 0]), 3600.0)
+    assert out[0] == pytest.approx(3 / 4)
+    assert out[1] == pytest.approx(1.0)  # item 0's only rating is user 0's own
+
+
+def test_candidates_exclude_the_mask_and_features_are_the_bases_per_user_z() -> None:
+    frame = _frame()
+    side = _side()
+    bases = {"E": np.random.default_rng(0).normal(size=(NUM_USERS, NUM_ITEMS)),
+             "TL": np.random.default_rng(1).normal(size=(NUM_USERS, NUM_ITEMS))}
+    st = ms._stats(frame, NUM_USERS, NUM_ITEMS, side)
+    mask = st.x > 0
+    feats, u, i, names = ms.candidate_features(bases, st, side, mask, 10)
+    assert feats.shape == (NUM_USERS * 10, len(names)) and feats.dtype == np.float32
+    assert not mask[u, i].any()  # no seen item is a candidate
+    assert np.array_equal(feats[:, names.index("candidate_position")], np.tile(np.arange(10), NUM_USERS))
+    zsum = ms.row_z(bases["E"], mask) + ms.row_z(bases["TL"], mask)
+    for user in (0, 7):
+        unseen = np.flatnonzero(~mask[user])
+        best = unseen[np.argsort(-zsum[user, unseen], kind="stable")[:10]]
+        assert np.array_equal(i[u == user], best)  # the first stage's top 10, best first
+    np.testing.assert_allclose(feats[:, names.index("z_E")], ms.row_z(bases["E"], mask)[u, i], rtol=1e-5)
+    # log-rank of E among the user's unseen items: the item with the user's largest z_E has log1p(0) = 0
+    lr = feats[:, names.index("logrank_E")]
+    ze = feats[:, names.index("z_E")]
+    for user in (0, 7):
+        rows = u == user
+        top = np.argmax(np.where(mask[user], -np.inf, ms.row_z(bases["E"], mask)[user]))
+        if top in i[rows]:
+            assert lr[rows][i[rows] == top][0] == 0.0
+        assert np.all(lr[rows] >= 0) and ze[rows].max() <= ms.row_z(bases["E"], mask)[user, top] + 1e-6
+
+
+def test_build_labels_each_fold_by_its_held_out_items_and_reranker_scores_only_candidates() -> None:
+    frame = _frame()
+    side = _side()
+    test_exclude = ms.dense(frame, NUM_USERS, NUM_ITEMS) > 0
+    data = ms.build(frame, NUM_USERS, NUM_ITEMS, side, test_exclude, num_folds=3, num_candidates=15)
+    assert data.train_features.shape == (3 * NUM_USERS * 15, len(data.names))
+    assert data.groups == [15] * (3 * NUM_USERS)
+    # labels: held-out items among the candidates; recall per fold = labelled / held-out
+    folds = ms.fold_assignment(frame.u.to_numpy(), 3, 0)
+    for f in range(3):
+        rows = slice(f * NUM_USERS * 15, (f + 1) * NUM_USERS * 15)
+        assert data.train_labels[rows].sum() == pytest.approx(data.fold_candidate_recall[f] * (folds == f).sum())
+    # the taste groups make held-out items easy to find: most of them are among the 15 candidates
+    assert min(data.fold_candidate_recall) > 0.5
+    sv, st, booster = ms.fit_predict(data, objective="binary", leaves=4, trees=20, lr=0.1)
+    assert sv.shape == st.shape == (NUM_USERS, NUM_ITEMS)
+    fv, uv, iv = data.valid
+    # every candidate scores above every non-candidate (they sit 1e6 below, in the first stage's order)
+    cand = np.zeros((NUM_USERS, NUM_ITEMS), dtype=bool)
+    cand[uv, iv] = True
+    assert sv[cand].min() > sv[~cand].max()
+    assert booster.num_feature() == len(data.names)
+    with pytest.raises(ConfigError, match="objective"):
+        ms.fit_predict(data, objective="poisson", leaves=4, trees=2, lr=0.1)
