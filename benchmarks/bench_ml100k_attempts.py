@@ -322,7 +322,37 @@ def stacked(h: Harness, tr: pd.DataFrame, text: np.ndarray, gnn_seeds: int, fold
             "seconds": round(data.seconds + time.perf_counter() - t0, 1),
             "grid": [{k: r[k] for k in ("setting", "valid_ndcg@20")} for r in settings],
             "fold_candidate_recall": data.fold_candidate_recall, "features": data.names,
-            "gain_of_chosen": best["gain"], "lightgbm_bag": bag}
+            "gain_of_chosen": best["gain"], "lightgbm_bag": bag, "ablations": stack_ablations(h, data)}
+
+
+SIDE_FEATURES = {"popularity_pct", "user_activity", "item_first_minus_user_last_days", "item_first_minus_user_first_days",
+                 "item_median_minus_user_median_days", "user_span_days", "near_share_day", "near_share_hour",
+                 "year_minus_user_mean_year", "year", "genre_share", "item_mean_rating", "user_mean_rating", "age",
+                 "gender", "occupation"}
+
+
+def stack_ablations(h: Harness, data: "ms.StackedData") -> list[dict]:
+    """The re-ranker without some of its inputs (same candidates and labels; each row's setting chosen on valid
+    among two): without the GNN base, without the user / item statistics, with only EASE + GNN."""
+    grid = (("binary", 7, 500, 0.05), ("binary", 31, 500, 0.03))
+    bases = sorted({n.split("_", 1)[1] for n in data.names if n.startswith("z_")})
+    drops = {"without the GNN base": {"z_GNN", "logrank_GNN"},
+             "without user / item statistics (bases + candidate position only)": SIDE_FEATURES,
+             "only EASE + GNN bases (+ statistics)": {f"{p}_{b}" for b in bases if b not in ("E", "GNN")
+                                                      for p in ("z", "logrank")}}
+    out = []
+    for label, names in drops.items():
+        names = names & set(data.names)
+        if not names:
+            continue
+        _, best = ms.grid_search(data.without(names), h.valid_ndcg, grid=grid)
+        v, _ = h.evaluate(best["valid_scores"])
+        _, t = h.evaluate(best["test_scores"])
+        out.append({"ablation": label, "chosen_on_valid": best["setting"], "valid_ndcg@20": v["ndcg@20"],
+                    "test_recall@20": t["recall@20"], "test_ndcg@20": t["ndcg@20"]})
+        logger.info("stack ablation %-60s valid %.4f | test R %.4f N %.4f", label, v["ndcg@20"], t["recall@20"],
+                    t["ndcg@20"])
+    return out
 
 
 def kg_item_features(d: ML100K) -> sp.csr_matrix:
@@ -540,6 +570,17 @@ def main() -> None:
                f"({result['seconds']:.0f} s, load average before/after {result['loadavg_before_after'][0][0]:.2f} / "
                f"{result['loadavg_before_after'][1][0]:.2f}); grids and every setting's numbers in "
                f"`{out_name}.json`.\n")
+    for r in rows:
+        if r.get("ablations"):
+            text_md += (f"\nAblations of **{r['family']}** (same candidates and labels, columns left out):\n\n"
+                        "| ablation | chosen on valid | valid NDCG@20 | test Recall@20 | test NDCG@20 | vs EASE R / N |\n"
+                        "|---|---|---|---|---|---|\n")
+            text_md += "".join(
+                f"| {a['ablation']} | {a['chosen_on_valid']} | {a['valid_ndcg@20']:.4f} | {a['test_recall@20']:.4f} | "
+                f"{a['test_ndcg@20']:.4f} | {a['test_recall@20'] / ref['test_recall@20']:.3f} / "
+                f"{a['test_ndcg@20'] / ref['test_ndcg@20']:.3f} |\n" for a in r["ablations"])
+            text_md += ("\nTop features of the chosen re-ranker by gain: "
+                        + ", ".join(list(r["gain_of_chosen"])[:8]) + ".\n")
     (RESULTS / f"{out_name}.md").write_text(text_md, encoding="utf-8")
     print(text_md)
 

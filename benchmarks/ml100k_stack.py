@@ -196,6 +196,18 @@ class StackedData:
     fold_candidate_recall: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
+    def without(self, names: set[str]) -> StackedData:
+        """The same candidates and labels with the named feature columns left out (ablations: dropping a base's
+        ``z_`` / ``logrank_`` columns is exactly the model without that base, since candidates come from E + TL)."""
+        unknown = names - set(self.names)
+        if unknown:
+            raise ConfigError(f"no such stacking features: {sorted(unknown)}")
+        keep = [k for k, n in enumerate(self.names) if n not in names]
+        part = lambda p: (p[0][:, keep], p[1], p[2])  # noqa: E731
+        return StackedData(self.train_features[:, keep], self.train_labels, self.groups, part(self.valid),
+                           part(self.test), self.first_stage, [self.names[k] for k in keep],
+                           self.fold_candidate_recall, self.seconds)
+
 
 def build(
     train: pd.DataFrame,
@@ -311,13 +323,13 @@ def gnn_scores_fn(d: object, text: np.ndarray, seeds: int, config: dict) -> GnnF
 
 
 def grid_search(
-    data: StackedData, valid_ndcg: Callable[[np.ndarray], float], bag: int = 1
+    data: StackedData, valid_ndcg: Callable[[np.ndarray], float], bag: int = 1, grid: tuple = STACK_GRID
 ) -> tuple[list[dict], dict]:
-    """Every ``STACK_GRID`` setting fitted (``bag`` LightGBM seeds averaged as per-user z-scores when > 1) and scored
+    """Every ``grid`` setting fitted (``bag`` LightGBM seeds averaged as per-user z-scores when > 1) and scored
     by ``valid_ndcg``; returns the settings (label, valid NDCG@20, feature gains) and the valid-best one with its
     valid / test score matrices."""
     settings, best = [], None
-    for obj, leaves, trees, lr in STACK_GRID:
+    for obj, leaves, trees, lr in grid:
         runs = [fit_predict(data, objective=obj, leaves=leaves, trees=trees, lr=lr, seed=s) for s in range(bag)]
         if bag > 1:
             sv = np.mean([row_z(r[0], r[0] < -1e5) for r in runs], 0)

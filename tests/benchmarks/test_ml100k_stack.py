@@ -122,3 +122,12 @@ def test_build_labels_each_fold_by_its_held_out_items_and_reranker_scores_only_c
     assert booster.num_feature() == len(data.names)
     with pytest.raises(ConfigError, match="objective"):
         ms.fit_predict(data, objective="poisson", leaves=4, trees=2, lr=0.1)
+    # an ablation drops exactly the named columns and keeps candidates and labels
+    less = data.without({"z_GF", "logrank_GF", "age"})
+    assert len(less.names) == len(data.names) - 3 and "z_GF" not in less.names and "z_E" in less.names
+    k = data.names.index("z_E")
+    assert np.array_equal(less.train_features[:, less.names.index("z_E")], data.train_features[:, k])
+    assert np.array_equal(less.valid[0][:, less.names.index("z_E")], data.valid[0][:, k])
+    assert np.array_equal(less.train_labels, data.train_labels) and np.array_equal(less.test[2], data.test[2])
+    with pytest.raises(ConfigError, match="no such stacking features"):
+        data.without({"z_nothing"})
