@@ -163,3 +163,32 @@ def test_nonnegative_ease_l1_matches_a_bounded_quadratic_solver() -> None:
         np.testing.assert_allclose(np.delete(c[:, j], j), ref, atol=1e-5)
     # a large enough L1 penalty switches every weight off
     assert np.all(nonnegative_ease_weights(x.T @ x, lam, 100.0, iterations=50) == 0.0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    # tiny networks: a second thread only adds contention (100x slower on a busy 2-core machine)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_rec_vae_learns_the_blocks_and_returns_each_checkpoint(one_torch_thread: None) -> None:
+    from benchmarks.ml100k_filters import rec_vae_scores
+
+    rng = np.random.default_rng(2)
+    x = np.zeros((60, 20))
+    x[:30, :10] = rng.random((30, 10)) < 0.6
+    x[30:, 10:] = rng.random((30, 10)) < 0.6
+    out = rec_vae_scores(x, checkpoints=(2, 15), hidden=16, latent=4, batch_size=16, lr=1e-2)
+    assert sorted(out) == [2, 15] and out[15].shape == (60, 20)
+    s = out[15]
+    # every user's own-block items outscore the other block's on average, by a wide margin in logits
+    assert (s[:30, :10].mean(1) - s[:30, 10:].mean(1)).min() > 1.0
+    assert (s[30:, 10:].mean(1) - s[30:, :10].mean(1)).min() > 1.0
+    # seeded: the same scores again
+    np.testing.assert_array_equal(rec_vae_scores(x, checkpoints=(2,), hidden=16, latent=4, batch_size=16)[2],
+                                  rec_vae_scores(x, checkpoints=(2,), hidden=16, latent=4, batch_size=16)[2])
