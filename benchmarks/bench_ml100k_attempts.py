@@ -1,7 +1,7 @@
 """What we tried to get past 1.05 x EASE on ml-100k (issue #6), each family selected on valid only.
 
-Run: ``flock /tmp/kgrec_bench.lock .venv/bin/python -m benchmarks.bench_ml100k_attempts --gnn-seeds 3`` (1 thread;
-about 4 minutes on 2 cores, of which ~30 s train our text+KG GNN over 3 seeds). Data: ``KGREC_ML100K_DIR`` or
+Run: ``flock /tmp/kgrec_bench.lock .venv/bin/python -m benchmarks.bench_ml100k_attempts --gnn-seeds 3 --stack``
+(1 thread; about 4 minutes on 2 cores without ``--stack``, ~15 more with it). Data: ``KGREC_ML100K_DIR`` or
 ``../shared/data/ml-100k-kg``, the same split, masking and metrics as ``bench_ml100k``.
 
 For each family the grid is evaluated on valid NDCG@20; the table reports the test numbers of the valid-best
@@ -35,7 +35,16 @@ Fourth attempt (models in ``benchmarks/ml100k_models.py``):
 * ``valid-tuned blend``: ``sum_k w_k z(model_k)`` over EASE and the valid-chosen setting of each new family (and the
   GNN bag when ``--gnn-seeds``), weights in {0, 0.25, ..., 4} by coordinate ascent on valid NDCG@20.
 
-Writes ``benchmarks/results/ml100k_attempts.json`` and ``ml100k_attempts.md``.
+Fifth attempt, the one that meets the goal (``--stack``; ``benchmarks/ml100k_stack.py``): a two-stage model. Ten
+bases (our GNN, EASE, EDLAE, time-local EASE at three time scales, iALS, RP3beta, user-EASE, GF-CF, item-KNN) are
+refitted on 9 of 10 per-user folds of train, and a LightGBM model learns to find the 10th fold's items among the
+top 100 of z(EASE) + z(time-local EASE), from every base's per-user z-score and log-rank plus user / item
+statistics; at valid / test time the bases are refitted on all of train. Unlike the inner-hold-out stacking above it
+learns from all of train (10x the groups) and only from scale-free features. Ablations (the same candidates and
+labels with columns left out) come with it.
+
+Writes ``benchmarks/results/ml100k_attempts.json`` and ``ml100k_attempts.md`` (``--stack-only``:
+``ml100k_stack.json`` / ``.md``).
 """
 from __future__ import annotations
 
