@@ -1,9 +1,9 @@
 """Graph-filter recommenders tried against EASE on ml-100k (issue #6, filter families).
 
-Every function takes the dense (num_users, num_items) 0/1 float64 interaction matrix ``X`` (the benchmark passes
-the train split only) and returns a (num_users, num_items) float64 score matrix; the caller masks seen items and
-ranks. Everything is a closed form in numpy (deterministic: eigendecompositions by ``numpy.linalg.eigh``, no random
-starts), so the results depend only on ``X`` and the arguments.
+The ``*_scores`` functions take the dense (num_users, num_items) 0/1 float64 interaction matrix ``X`` (the benchmark
+passes the train split only) and return a (num_users, num_items) float64 score matrix; the caller masks seen items
+and ranks. All but RecVAE are closed forms in numpy (deterministic: eigendecompositions by ``numpy.linalg.eigh``, no
+random starts), so their results depend only on ``X`` and the arguments.
 
 The common object is the normalised item-item graph of Shen et al. 2021:
 
@@ -26,6 +26,11 @@ Models:
   filtering for fast recommendation"): no eigendecomposition; the item graph ``P~`` is sharpened element-wise
   (``P~^(o s)``, entries raised to the power ``s``), re-normalised symmetrically by its row sums (eigenvalues then in
   [-1, 1]) and filtered by a polynomial ``sum_j c_j P^j``, e.g. ``2 P - P^2`` (a low-pass filter steeper than ``P``).
+* ``time_local_item_graph``: ``P~`` from time-local co-occurrences (a user's two items weighted by
+  ``exp(-|t_i - t_j| / tau)``, so items rated in one sitting count fully), for BSPM's ODEs (``graph=``).
+* ``nonnegative_ease_weights``: EASE with ``B >= 0`` (and an optional L1 penalty), solved by ADMM (SLIM-style).
+* ``rec_vae_scores``: RecVAE (Shenbin et al. 2020), the one trained model here (torch on the CPU, seeded); the
+  others are closed forms.
 """
 from __future__ import annotations
 
