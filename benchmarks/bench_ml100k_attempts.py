@@ -43,8 +43,12 @@ statistics; at valid / test time the bases are refitted on all of train. Unlike 
 learns from all of train (10x the groups) and only from scale-free features. Ablations (the same candidates and
 labels with columns left out) come with it.
 
+Graph filters and autoencoders (``--filters-only``; ``benchmarks/ml100k_filters.py``): GF-CF, BSPM, BSPM on a
+time-local item graph, a Turbo-CF style polynomial filter, non-negative EASE (ADMM), RecVAE, each alone and blended
+with EASE.
+
 Writes ``benchmarks/results/ml100k_attempts.json`` and ``ml100k_attempts.md`` (``--stack-only``:
-``ml100k_stack.json`` / ``.md``).
+``ml100k_stack.json`` / ``.md``; ``--filters-only``: ``ml100k_filters.json`` / ``.md``).
 """
 from __future__ import annotations
 
@@ -364,6 +368,51 @@ def stack_ablations(h: Harness, data: "ms.StackedData") -> list[dict]:
     return out
 
 
+def filter_families(h: Harness, tr: pd.DataFrame, recvae: bool = True) -> list[dict]:
+    """Graph filters and autoencoders of ``benchmarks/ml100k_filters.py``, each alone and as ``z(EASE) + w z(model)``
+    (one family, so the setting and w are chosen together on valid NDCG@20). The grids hold the settings the
+    exploration chose on valid plus neighbours (the exploration's wider scans: ``ml100k_filters`` docstrings)."""
+    from benchmarks import ml100k_filters as mf
+
+    X = h.X
+    e_z = h.z(X @ mm.ease_weights(X.T @ X, 300.0))
+    tl_graph = mf.time_local_item_graph(tr.u.to_numpy(), tr.i.to_numpy(), tr.timestamp.to_numpy(), h.d.num_items,
+                                        1800.0)
+    models: dict[str, dict[str, Callable[[], np.ndarray]]] = {
+        "GF-CF (Shen et al. 2021)": {f"k {k}, alpha {a}": (lambda k=k, a=a: mf.gf_cf_scores(X, k, a))
+                                     for k in (24, 48, 96) for a in (0.5, 0.75, 1.0)},
+        "BSPM (Choi et al. 2023), Euler steps": {
+            f"k {k}, beta {b}, T_b 1.25, T_s {ts} in {st} steps": (
+                lambda k=k, b=b, ts=ts, st=st: mf.bspm_scores(X, k, b, 1.25, 1, ts, st))
+            for k, b in ((24, 0.2), (48, 0.2), (24, 0.1)) for ts, st in ((6.0, 6), (10.0, 8))},
+        "BSPM on the time-local item graph (tau 1800 s)": {
+            f"k {k}, beta {b}, T_b 1.25, T_s {ts} in {st} steps": (
+                lambda k=k, b=b, ts=ts, st=st: mf.bspm_scores(X, k, b, 1.25, 1, ts, st, graph=tl_graph))
+            for k, b in ((24, 0.1), (24, 0.2)) for ts, st in ((6.0, 6), (10.0, 8))},
+        "Turbo-CF style polynomial filter": {
+            f"power {p}, c {c}": (lambda p=p, c=c: mf.turbo_cf_scores(X, c, p))
+            for p in (1.0, 2.0) for c in ((1.0, -1.25, 0.4), (1.0, -1.0, 0.3))},
+        "non-negative EASE (ADMM)": {
+            f"lambda {lam}, l1 {l1}": (lambda lam=lam, l1=l1: X @ mf.nonnegative_ease_weights(X.T @ X, lam, l1,
+                                                                                            iterations=50))
+            for lam in (200.0, 300.0) for l1 in (0.0, 2.0)},
+    }
+    if recvae:
+        vae = mf.rec_vae_scores(X, checkpoints=(150, 300), gamma=0.03, seed=0)
+        models["RecVAE (Shenbin et al. 2020), gamma 0.03"] = {f"{ep} epochs": (lambda v=v: v) for ep, v in vae.items()}
+    out = []
+    for name, grid in models.items():
+        t0 = time.perf_counter()
+        alone = {k: make() for k, make in grid.items()}
+        full = {f"{k} alone": (lambda s=s: s) for k, s in alone.items()}
+        full.update({f"{k}, + EASE w {w}": (lambda s=s, w=w: e_z + w * h.z(s)) for k, s in alone.items()
+                     for w in (0.5, 1.0, 2.0, 4.0)})
+        row = run_family(h, name, full)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        out.append(row)
+    return out
+
+
 def kg_item_features(d: ML100K) -> sp.csr_matrix:
     """(num_items, num_features) binary: the item entity's one-hop KG neighbours (either direction), genres, year."""
     e2i: dict[str, list[int]] = {}
@@ -528,6 +577,8 @@ def main() -> None:
     parser.add_argument("--stack", action="store_true", help="also the two-stage model (ml100k_stack.py)")
     parser.add_argument("--stack-only", action="store_true", help="only EASE and the two-stage model; writes "
                         "ml100k_stack.{json,md} instead of ml100k_attempts.{json,md}")
+    parser.add_argument("--filters-only", action="store_true", help="only EASE and the graph-filter / autoencoder "
+                        "families of ml100k_filters.py; writes ml100k_filters.{json,md}")
     parser.add_argument("--stack-gnn-seeds", type=int, default=1, help="GNN seeds inside the two-stage model's "
                         "bases (0 = no GNN base)")
     parser.add_argument("--stack-folds", type=int, default=10)
@@ -541,10 +592,12 @@ def main() -> None:
     tr = train_frame(d)
     text = text_vectors(d)
     load_before, t0 = os.getloadavg(), time.perf_counter()
-    short = args.only_new or args.stack_only
+    short = args.only_new or args.stack_only or args.filters_only
     rows = families(h, tr, text) if not short else [
         run_family(h, "EASE (reference)", {"lambda 300": lambda: h.X @ mm.ease_weights(h.X.T @ h.X, 300.0)})]
-    if not args.stack_only:
+    if args.filters_only:
+        rows += filter_families(h, tr)
+    elif not args.stack_only:
         chosen: dict[str, np.ndarray] = {}
         rows += new_families(h, tr, text, chosen)
         if args.gnn_seeds:
@@ -553,7 +606,7 @@ def main() -> None:
         rows.append(blend(h, chosen))
     if args.stack or args.stack_only:
         rows.append(stacked(h, tr, text, args.stack_gnn_seeds, folds=args.stack_folds, bag=args.stack_bag))
-    out_name = "ml100k_stack" if args.stack_only else "ml100k_attempts"
+    out_name = "ml100k_stack" if args.stack_only else "ml100k_filters" if args.filters_only else "ml100k_attempts"
     ref = rows[0]
     goal = {"recall@20": 0.424, "ndcg@20": 0.365}
     result = {"goal": goal, "selection": "valid NDCG@20 within each family; test reported for that setting only",
