@@ -301,9 +301,9 @@ def side_info(d: object, data_dir: Path) -> SideInfo:
                     occupation=users.occupation.astype("category").cat.codes.to_numpy().astype(np.float64))
 
 
-def gnn_scores_fn(d: object, text: np.ndarray, seeds: int, config: dict) -> GnnFn:
+def gnn_scores_fn(d: object, text: np.ndarray, seeds: int, config: dict, first_seed: int = 2020) -> GnnFn:
     """Our text + KG GNN as a base for an ``ML100K`` split ``d``: the mean per-user z-score over ``seeds`` seeds
-    (``FusionConfig(**config, seed=2020 + s)``), fitted on the frame given and early-stopped on valid NDCG@20."""
+    (``FusionConfig(**config, seed=first_seed + s)``), fitted on the frame given and early-stopped on valid NDCG@20."""
     from fusion.train import train_model
     from kgrec.config import FusionConfig
 
@@ -315,7 +315,7 @@ def gnn_scores_fn(d: object, text: np.ndarray, seeds: int, config: dict) -> GnnF
         mats = []
         for s in range(seeds):
             tm = train_model(d.num_users, d.num_items, frame.u.to_numpy(), frame.i.to_numpy(), graph=graph,
-                             text=text.astype(np.float32), valid=valid, config=FusionConfig(**dict(config, seed=2020 + s)))
+                             text=text.astype(np.float32), valid=valid, config=FusionConfig(**dict(config, seed=first_seed + s)))
             mats.append(row_z(tm.user_embeddings @ tm.item_embeddings.T, mask))
         return np.mean(mats, 0)
 
