@@ -407,8 +407,7 @@ def stack_row(d: ML100K, text: np.ndarray, add, epochs: int) -> None:
     their top 100 learned on 10 folds of train (``benchmarks/ml100k_stack.py``); re-ranker setting chosen on valid."""
     from benchmarks import ml100k_stack as ms
 
-    tr = pd.read_csv(data_dir() / "train.tsv", sep="\t")
-    tr["u"], tr["i"] = tr.user_id.map(d.user_index), tr.item_id.map(d.item_index)
+    tr = ms.train_frame(d, data_dir())
     gnn_cfg = dict(TRAIN_CONFIG, **dict(OURS_CONFIG, epochs=epochs, id_dropout=1.0))
     t0 = time.perf_counter()
     data = ms.build(tr, d.num_users, d.num_items, ms.side_info(d, data_dir()), d.test_exclude.toarray() > 0,

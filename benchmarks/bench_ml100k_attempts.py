@@ -123,10 +123,7 @@ def run_family(h: Harness, name: str, grid: dict[str, Callable[[], np.ndarray]])
 
 
 def train_frame(d: ML100K) -> pd.DataFrame:
-    tr = pd.read_csv(data_dir() / "train.tsv", sep="\t")
-    tr["u"] = tr.user_id.map(d.user_index)
-    tr["i"] = tr.item_id.map(d.item_index)
-    return tr
+    return ms.train_frame(d, data_dir())
 
 
 def text_vectors(d: ML100K) -> np.ndarray:

@@ -285,6 +285,14 @@ STACK_GRID = (("binary", 7, 500, 0.05), ("binary", 15, 300, 0.05), ("binary", 15
               ("binary", 31, 500, 0.03), ("lambdarank", 7, 500, 0.05), ("lambdarank", 15, 300, 0.05))
 
 
+def train_frame(d: object, data_dir: Path) -> pd.DataFrame:
+    """The train split of an ``ML100K`` split ``d`` (read from ``data_dir``) with index columns ``u`` and ``i`` next to
+    ``rating`` and ``timestamp``: the frame every base and statistic here is fitted on."""
+    tr = pd.read_csv(data_dir / "train.tsv", sep="\t")
+    tr["u"], tr["i"] = tr.user_id.map(d.user_index), tr.item_id.map(d.item_index)
+    return tr
+
+
 def side_info(d: object, data_dir: Path) -> SideInfo:
     """Release years and genres of the items, age / gender / occupation of the users (``ml-100k.item`` / ``.user``)
     for an ``ML100K`` split ``d`` read from ``data_dir``."""
