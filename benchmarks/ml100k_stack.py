@@ -67,6 +67,12 @@ def base_scores(frame: pd.DataFrame, num_users: int, num_items: int, gnn: GnnFn 
     """Every base model fitted on ``frame``: name -> (num_users, num_items) scores. Settings are the valid-chosen
     ones of ``bench_ml100k_attempts`` (EASE lambda 300, EDLAE p 0.5 / lambda 200, time-local tau 1800 s / lambda
     150, iALS dim 128, GF-CF k 48 / alpha 0.75 ...)."""
+    closed = closed_form_scores(frame, num_users, num_items)
+    return with_gnn(closed, None if gnn is None else gnn(frame))
+
+
+def closed_form_scores(frame: pd.DataFrame, num_users: int, num_items: int) -> dict[str, np.ndarray]:
+    """The nine bases other than the GNN, fitted on ``frame`` (see ``base_scores``)."""
     x = dense(frame, num_users, num_items)
     u, i, t = frame.u.to_numpy(), frame.i.to_numpy(), frame.timestamp.to_numpy()
     gram = x.T @ x
@@ -80,9 +86,18 @@ def base_scores(frame: pd.DataFrame, num_users: int, num_items: int, gnn: GnnFn 
     for tau in (300.0, 86400.0):
         out[f"TL{int(tau)}"] = x @ mm.ease_weights(mm.time_local_gram(u, i, t, num_items, tau), 150.0)
     out["GF"] = gf_cf_scores(x, 48, 0.75)
-    if gnn is not None:
-        out["GNN"] = gnn(frame)
     out["KNN"] = np.asarray(ItemKNN(100, 50).fit(xs).score(np.arange(num_users)))
+    return out
+
+
+def with_gnn(closed: dict[str, np.ndarray], gnn_scores: np.ndarray | None) -> dict[str, np.ndarray]:
+    """``closed`` with the GNN's scores added as base ``GNN`` just before ``KNN`` (the feature columns keep one order,
+    which LightGBM's column sampling depends on)."""
+    if gnn_scores is None:
+        return dict(closed)
+    out = {k: v for k, v in closed.items() if k != "KNN"}
+    out["GNN"] = gnn_scores
+    out["KNN"] = closed["KNN"]
     return out
 
 
@@ -227,30 +242,56 @@ def build(
         train: the train interactions (columns u, i, rating, timestamp).
         test_exclude: (num_users, num_items) bool, train + valid items (masked at test).
     """
+    return build_variants(train, num_users, num_items, side, test_exclude, {"": gnn}, num_folds=num_folds,
+                          num_candidates=num_candidates, seed=seed)[""]
+
+
+def build_variants(
+    train: pd.DataFrame,
+    num_users: int,
+    num_items: int,
+    side: SideInfo,
+    test_exclude: np.ndarray,
+    gnns: dict[str, GnnFn | None],
+    *,
+    num_folds: int = 10,
+    num_candidates: int = 100,
+    seed: int = 0,
+) -> dict[str, StackedData]:
+    """``build`` for several GNN bases at once (key -> GNN function, ``None`` = no GNN base): the nine closed-form
+    bases and the statistics are fitted once per fold and shared; each variant gets its own ``StackedData``
+    (what a check of how the result moves with the GNN's seed needs)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     folds = fold_assignment(train.u.to_numpy(), num_folds, seed)
-    feats, labels, groups, recall = [], [], [], []
-    names: list[str] = []
+    parts: dict[str, dict[str, list]] = {k: {"feats": [], "labels": [], "recall": []} for k in gnns}
+    names: dict[str, list[str]] = {}
     for f in tqdm(range(num_folds), desc="stack folds", leave=False):
         fit, hold = train[folds != f], train[folds == f]
         st = _stats(fit, num_users, num_items, side)
-        x, u, i, names = candidate_features(base_scores(fit, num_users, num_items, gnn), st, side, st.x > 0,
-                                            num_candidates)
-        y = dense(hold, num_users, num_items)[u, i]
-        feats.append(x)
-        labels.append(y)
-        groups += [num_candidates] * num_users
-        recall.append(float(y.sum() / len(hold)))
-        logger.info("fold %d: %d held-out, candidate recall %.3f", f, len(hold), recall[-1])
-    full = base_scores(train, num_users, num_items, gnn)
+        closed = closed_form_scores(fit, num_users, num_items)
+        y_all = dense(hold, num_users, num_items)
+        for key, gnn in gnns.items():
+            bases = with_gnn(closed, None if gnn is None else gnn(fit))
+            x, u, i, names[key] = candidate_features(bases, st, side, st.x > 0, num_candidates)
+            y = y_all[u, i]
+            parts[key]["feats"].append(x)
+            parts[key]["labels"].append(y)
+            parts[key]["recall"].append(float(y.sum() / len(hold)))
+            logger.info("fold %d %s: %d held-out, candidate recall %.3f", f, key, len(hold), parts[key]["recall"][-1])
+    closed = closed_form_scores(train, num_users, num_items)
     st = _stats(train, num_users, num_items, side)
-    valid = candidate_features(full, st, side, st.x > 0, num_candidates)[:3]
-    test = candidate_features(full, st, side, test_exclude, num_candidates)[:3]
-    first = row_z(full["E"], st.x > 0) + row_z(full["TL"], st.x > 0)
-    return StackedData(np.concatenate(feats), np.concatenate(labels), groups, valid, test, first, names, recall,
-                       time.perf_counter() - t0)
+    first = row_z(closed["E"], st.x > 0) + row_z(closed["TL"], st.x > 0)
+    out = {}
+    for key, gnn in gnns.items():
+        full = with_gnn(closed, None if gnn is None else gnn(train))
+        valid = candidate_features(full, st, side, st.x > 0, num_candidates)[:3]
+        test = candidate_features(full, st, side, test_exclude, num_candidates)[:3]
+        p = parts[key]
+        out[key] = StackedData(np.concatenate(p["feats"]), np.concatenate(p["labels"]), [num_candidates] * num_users
+                               * num_folds, valid, test, first, names[key], p["recall"], time.perf_counter() - t0)
+    return out
 
 
 def fit_predict(data: StackedData, *, objective: str, leaves: int, trees: int, lr: float, seed: int = 0

@@ -131,3 +131,31 @@ def test_build_labels_each_fold_by_its_held_out_items_and_reranker_scores_only_c
     assert np.array_equal(less.train_labels, data.train_labels) and np.array_equal(less.test[2], data.test[2])
     with pytest.raises(ConfigError, match="no such stacking features"):
         data.without({"z_nothing"})
+
+
+def test_build_variants_share_the_closed_forms_and_each_equals_its_own_build() -> None:
+    frame = _frame()
+    side = _side()
+    test_exclude = ms.dense(frame, NUM_USERS, NUM_ITEMS) > 0
+    calls: list[int] = []
+
+    def gnn(seed: int):
+        def fn(f: pd.DataFrame) -> np.ndarray:
+            calls.append(seed)
+            return np.random.default_rng([seed, len(f)]).random((NUM_USERS, NUM_ITEMS))
+        return fn
+
+    many = ms.build_variants(frame, NUM_USERS, NUM_ITEMS, side, test_exclude, {"a": gnn(1), "b": gnn(2), "none": None},
+                             num_folds=3, num_candidates=15)
+    assert calls.count(1) == calls.count(2) == 4  # 3 folds + all of train, once per variant
+    for key, seed in (("a", 1), ("b", 2)):
+        one = ms.build(frame, NUM_USERS, NUM_ITEMS, side, test_exclude, num_folds=3, num_candidates=15, gnn=gnn(seed))
+        assert many[key].names == one.names
+        assert np.array_equal(many[key].train_features, one.train_features, equal_nan=True)
+        assert np.array_equal(many[key].test[0], one.test[0], equal_nan=True)
+        assert np.array_equal(many[key].train_labels, one.train_labels)
+    # the GNN column sits before KNN; the GNN-free variant has exactly the other columns
+    names = many["a"].names
+    assert names.index("z_GNN") < names.index("z_KNN")
+    assert many["none"].names == [n for n in names if n not in ("z_GNN", "logrank_GNN")]
+    assert not np.array_equal(many["a"].train_features, many["b"].train_features)
