@@ -63,16 +63,10 @@ def dense(frame: pd.DataFrame, num_users: int, num_items: int) -> np.ndarray:
     return x
 
 
-def base_scores(frame: pd.DataFrame, num_users: int, num_items: int, gnn: GnnFn | None = None) -> dict[str, np.ndarray]:
-    """Every base model fitted on ``frame``: name -> (num_users, num_items) scores. Settings are the valid-chosen
-    ones of ``bench_ml100k_attempts`` (EASE lambda 300, EDLAE p 0.5 / lambda 200, time-local tau 1800 s / lambda
-    150, iALS dim 128, GF-CF k 48 / alpha 0.75 ...)."""
-    closed = closed_form_scores(frame, num_users, num_items)
-    return with_gnn(closed, None if gnn is None else gnn(frame))
-
-
 def closed_form_scores(frame: pd.DataFrame, num_users: int, num_items: int) -> dict[str, np.ndarray]:
-    """The nine bases other than the GNN, fitted on ``frame`` (see ``base_scores``)."""
+    """The nine bases other than the GNN, fitted on ``frame``: name -> (num_users, num_items) scores. Settings are
+    the valid-chosen ones of ``bench_ml100k_attempts`` (EASE lambda 300, EDLAE p 0.5 / lambda 200, time-local tau
+    1800 s / lambda 150, iALS dim 128, GF-CF k 48 / alpha 0.75 ...); ``with_gnn`` adds the GNN base."""
     x = dense(frame, num_users, num_items)
     u, i, t = frame.u.to_numpy(), frame.i.to_numpy(), frame.timestamp.to_numpy()
     gram = x.T @ x
