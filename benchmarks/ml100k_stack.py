@@ -204,6 +204,7 @@ class StackedData:
     names: list[str]
     fold_candidate_recall: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    fold_held: np.ndarray | None = None  # (num_folds, num_users) held-out items per user in each fold
 
     def without(self, names: set[str]) -> StackedData:
         """The same candidates and labels with the named feature columns left out (ablations: dropping a base's
@@ -215,7 +216,7 @@ class StackedData:
         part = lambda p: (p[0][:, keep], p[1], p[2])  # noqa: E731
         return StackedData(self.train_features[:, keep], self.train_labels, self.groups, part(self.valid),
                            part(self.test), self.first_stage, [self.names[k] for k in keep],
-                           self.fold_candidate_recall, self.seconds)
+                           self.fold_candidate_recall, self.seconds, self.fold_held)
 
 
 def build(
@@ -260,6 +261,7 @@ def build_variants(
     t0 = time.perf_counter()
     folds = fold_assignment(train.u.to_numpy(), num_folds, seed)
     parts: dict[str, dict[str, list]] = {k: {"feats": [], "labels": [], "recall": []} for k in gnns}
+    held = np.stack([np.bincount(train.u.to_numpy()[folds == f], minlength=num_users) for f in range(num_folds)])
     names: dict[str, list[str]] = {}
     for f in tqdm(range(num_folds), desc="stack folds", leave=False):
         fit, hold = train[folds != f], train[folds == f]
@@ -284,7 +286,8 @@ def build_variants(
         test = candidate_features(full, st, side, test_exclude, num_candidates)[:3]
         p = parts[key]
         out[key] = StackedData(np.concatenate(p["feats"]), np.concatenate(p["labels"]), [num_candidates] * num_users
-                               * num_folds, valid, test, first, names[key], p["recall"], time.perf_counter() - t0)
+                               * num_folds, valid, test, first, names[key], p["recall"], time.perf_counter() - t0,
+                               held)
     return out
 
 
@@ -292,20 +295,8 @@ def fit_predict(data: StackedData, *, objective: str, leaves: int, trees: int, l
                 ) -> tuple[np.ndarray, np.ndarray, object]:
     """Fit one LightGBM re-ranker and return full (num_users, num_items) valid and test score matrices (candidates
     get the model's score, every other item keeps the first stage's order far below) and the booster."""
-    import lightgbm as lgb
-
-    common = dict(n_estimators=trees, learning_rate=lr, num_leaves=leaves, min_child_samples=100, subsample=0.8,
-                  subsample_freq=1, colsample_bytree=0.8, verbose=-1, random_state=seed, n_jobs=1)
-    if objective == "binary":
-        model = lgb.LGBMClassifier(objective="binary", **common)
-        model.fit(data.train_features, data.train_labels)
-        predict = lambda f: model.predict_proba(f)[:, 1]  # noqa: E731
-    elif objective == "lambdarank":
-        model = lgb.LGBMRanker(objective="lambdarank", lambdarank_truncation_level=40, **common)
-        model.fit(data.train_features, data.train_labels, group=data.groups)
-        predict = model.predict
-    else:
-        raise ConfigError(f"unknown re-ranker objective {objective!r}: use 'binary' or 'lambdarank'")
+    model, predict = _fit(data.train_features, data.train_labels, data.groups, objective=objective, leaves=leaves,
+                          trees=trees, lr=lr, seed=seed)
 
     def scores(part: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
         s = data.first_stage - 1e6
@@ -313,6 +304,57 @@ def fit_predict(data: StackedData, *, objective: str, leaves: int, trees: int, l
         return s
 
     return scores(data.valid), scores(data.test), model.booster_
+
+
+def _fit(features: np.ndarray, labels: np.ndarray, groups: list[int], *, objective: str, leaves: int, trees: int,
+         lr: float, seed: int) -> tuple[object, Callable[[np.ndarray], np.ndarray]]:
+    """One LightGBM re-ranker fitted on the given rows, and its scoring function."""
+    import lightgbm as lgb
+
+    common = dict(n_estimators=trees, learning_rate=lr, num_leaves=leaves, min_child_samples=100, subsample=0.8,
+                  subsample_freq=1, colsample_bytree=0.8, verbose=-1, random_state=seed, n_jobs=1)
+    if objective == "binary":
+        model = lgb.LGBMClassifier(objective="binary", **common)
+        model.fit(features, labels)
+        return model, lambda f: model.predict_proba(f)[:, 1]
+    if objective == "lambdarank":
+        model = lgb.LGBMRanker(objective="lambdarank", lambdarank_truncation_level=40, **common)
+        model.fit(features, labels, group=groups)
+        return model, model.predict
+    raise ConfigError(f"unknown re-ranker objective {objective!r}: use 'binary' or 'lambdarank'")
+
+
+def fold_cv(data: StackedData, eval_folds: tuple[int, ...], *, objective: str, leaves: int, trees: int, lr: float,
+            seed: int = 0, k: int = 20) -> dict[str, float]:
+    """A train-only check of the re-ranker: for each fold in ``eval_folds`` it is refitted on the other folds' rows
+    and ranks that fold's candidates; NDCG@k / Recall@k against the fold's held-out items (every held-out item of a
+    user counts in the ideal DCG and the recall denominator, also those outside the candidates — RecBole's
+    definitions), averaged over users with held-out items and then over the folds. Decides things (a base, a
+    feature) without valid or test labels."""
+    if data.fold_held is None:
+        raise ConfigError("this StackedData has no per-fold held-out counts (build it with build / build_variants)")
+    num_folds, num_users = data.fold_held.shape
+    c = data.groups[0]
+    n = num_users * c
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    ndcgs, recalls = [], []
+    for f in eval_folds:
+        if not 0 <= f < num_folds:
+            raise ConfigError(f"fold {f} is not one of the {num_folds} folds")
+        rows = np.ones(len(data.train_labels), dtype=bool)
+        rows[f * n:(f + 1) * n] = False
+        _, predict = _fit(data.train_features[rows], data.train_labels[rows],
+                          [g for j, g in enumerate(data.groups) if j // num_users != f], objective=objective,
+                          leaves=leaves, trees=trees, lr=lr, seed=seed)
+        p = np.asarray(predict(data.train_features[~rows])).reshape(num_users, c)
+        y = data.train_labels[~rows].reshape(num_users, c)
+        top = np.take_along_axis(y, np.argsort(-p, 1, kind="stable")[:, :k], 1)
+        held = data.fold_held[f]
+        ok = held > 0
+        ideal = np.cumsum(disc)[np.minimum(held[ok], k) - 1]
+        ndcgs.append(float(((top[ok] * disc[:top.shape[1]]).sum(1) / ideal).mean()))  # k may exceed c
+        recalls.append(float((top[ok].sum(1) / held[ok]).mean()))
+    return {f"ndcg@{k}": float(np.mean(ndcgs)), f"recall@{k}": float(np.mean(recalls)), "per_fold_ndcg": ndcgs}
 
 
 # The re-ranker settings tried (objective, leaves, trees, learning rate); one is chosen on valid NDCG@20.

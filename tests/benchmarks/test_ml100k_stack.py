@@ -159,3 +159,44 @@ def test_build_variants_share_the_closed_forms_and_each_equals_its_own_build() -
     assert names.index("z_GNN") < names.index("z_KNN")
     assert many["none"].names == [n for n in names if n not in ("z_GNN", "logrank_GNN")]
     assert not np.array_equal(many["a"].train_features, many["b"].train_features)
+
+
+def test_fold_cv_scores_each_held_out_fold_against_all_its_held_out_items(monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = _frame()
+    test_exclude = ms.dense(frame, NUM_USERS, NUM_ITEMS) > 0
+    data = ms.build(frame, NUM_USERS, NUM_ITEMS, _side(), test_exclude, num_folds=3, num_candidates=15)
+    folds = ms.fold_assignment(frame.u.to_numpy(), 3, 0)
+    for f in range(3):  # held-out counts per user and fold
+        assert np.array_equal(data.fold_held[f], np.bincount(frame.u.to_numpy()[folds == f], minlength=NUM_USERS))
+    fitted_rows = []
+
+    def oracle(features, labels, groups, **kw):  # ranks by the label itself: the metric part alone
+        fitted_rows.append(len(labels))
+        lookup = {row.tobytes(): y for row, y in zip(data.train_features, data.train_labels)}
+        return None, lambda f: np.array([lookup[row.tobytes()] for row in f])
+
+    monkeypatch.setattr(ms, "_fit", oracle)
+    got = ms.fold_cv(data, (0, 2), objective="binary", leaves=4, trees=5, lr=0.1)
+    assert fitted_rows == [2 * NUM_USERS * 15] * 2  # refitted without the evaluated fold's rows
+    # hand computation: the oracle puts the m held-out candidates first, so DCG = sum_{r<m} 1/log2(r+2) and
+    # recall = m / held; ideal DCG over min(held, 20) ranks
+    disc = 1.0 / np.log2(np.arange(2, 22))
+    nd, rc = [], []
+    for f in (0, 2):
+        y = data.train_labels[f * NUM_USERS * 15:(f + 1) * NUM_USERS * 15].reshape(NUM_USERS, 15)
+        per_n, per_r = [], []
+        for u in range(NUM_USERS):
+            held = data.fold_held[f, u]
+            if held == 0:
+                continue
+            m = int(y[u].sum())
+            per_n.append(disc[:m].sum() / disc[:min(held, 20)].sum())
+            per_r.append(m / held)
+        nd.append(np.mean(per_n))
+        rc.append(np.mean(per_r))
+    assert got["ndcg@20"] == pytest.approx(np.mean(nd))
+    assert got["recall@20"] == pytest.approx(np.mean(rc))
+    assert got["per_fold_ndcg"] == pytest.approx(nd)
+    assert 0.5 < got["recall@20"] <= 1.0  # most held-out items are candidates on this data
+    with pytest.raises(ConfigError, match="not one of the 3 folds"):
+        ms.fold_cv(data, (3,), objective="binary", leaves=4, trees=5, lr=0.1)
