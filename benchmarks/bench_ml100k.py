@@ -39,6 +39,13 @@ from kgrec.config import FusionConfig
 logger = logging.getLogger("bench_ml100k")
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
+# The issue's bar: test Recall@20 and NDCG@20 each >= 1.05 x EASE (0.4032 / 0.3472 on this split)
+GOAL = {"recall@20": 0.424, "ndcg@20": 0.365}
+
+
+def goal_met(recall: float, ndcg: float) -> bool:
+    """Whether test Recall@20 and NDCG@20 both reach ``GOAL``."""
+    return recall >= GOAL["recall@20"] and ndcg >= GOAL["ndcg@20"]
 RECBOLE = {  # test Recall@20 / NDCG@20 and s/epoch from ../shared/data/ml-100k-kg/RECBOLE_RESULTS.md
     "RecBole PopExact": (0.1887, 0.1543, None),
     "RecBole BPR": (0.3737, 0.3095, 0.27),
@@ -389,8 +396,8 @@ def run(quick: bool = False, recbole_python: str | None = None, stack: bool = Tr
         "recall@20": best["recall@20"],
         "ndcg@20": best["ndcg@20"],
         "best_model": best["model"],
-        "goal": {"recall@20": 0.424, "ndcg@20": 0.365},
-        "goal_met": best["recall@20"] >= 0.424 and best["ndcg@20"] >= 0.365,
+        "goal": GOAL,
+        "goal_met": goal_met(best["recall@20"], best["ndcg@20"]),
         "selection": "best valid NDCG@20 among 'ours' rows",
         "rows": rows,
         "recbole": {k: {"recall@20": v[0], "ndcg@20": v[1], "s_per_epoch": v[2]} for k, v in RECBOLE.items()},

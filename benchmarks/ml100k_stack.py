@@ -412,7 +412,7 @@ def grid_search(
 ) -> tuple[list[dict], dict]:
     """Every ``grid`` setting fitted (``bag`` LightGBM seeds averaged as per-user z-scores when > 1) and scored
     by ``valid_ndcg``; returns the settings (label, valid NDCG@20, feature gains) and the valid-best one with its
-    valid / test score matrices."""
+    valid / test score matrices and its ``params`` (objective, leaves, trees, learning rate)."""
     settings, best = [], None
     for obj, leaves, trees, lr in grid:
         runs = [fit_predict(data, objective=obj, leaves=leaves, trees=trees, lr=lr, seed=s) for s in range(bag)]
@@ -428,5 +428,5 @@ def grid_search(
         settings.append(row)
         logger.info("re-ranker %-42s valid NDCG@20 %.4f", label, row["valid_ndcg@20"])
         if best is None or row["valid_ndcg@20"] > best["valid_ndcg@20"]:
-            best = dict(row, valid_scores=sv, test_scores=st)
+            best = dict(row, valid_scores=sv, test_scores=st, params=(obj, leaves, trees, lr))
     return settings, best
