@@ -252,7 +252,7 @@ class Neo4jServer:
     def _set_initial_password(self) -> None:
         env = {**os.environ, "NEO4J_HOME": str(self.home), "NEO4J_CONF": str(self.home / "conf")}
         cmd = [*self._java_base(), "-Xmx256m", "org.neo4j.cli.AdminTool",
-               "dbms", "set-initial-password", self.password]
+               "dbms", "set-initial-password", "--", self.password]  # "--": a password may start with "-"
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
         if proc.returncode != 0:
             raise GraphStoreError(

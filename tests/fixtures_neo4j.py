@@ -1,13 +1,14 @@
 """The real Neo4j server fixture (owned by kg/).
 
 ``neo4j_server`` (session): fetches the Neo4j jars with Maven on first use (cached under
-``${KGREC_CACHE_DIR:-~/.cache/kgrec}``) and starts one server, with a generated password, for the whole run.
+``${KGREC_CACHE_DIR:-~/.cache/kgrec}``) and starts one server, with a generated password that starts with "-", for the whole run.
 ``neo4j_store`` (function): a ``Neo4jStore`` on that server with an emptied database.
 
 Java 17 and Maven are required: when they are missing the fixture FAILS (CI has them), it does not skip.
 """
 from __future__ import annotations
 
+import secrets
 import shutil
 from typing import Iterator
 
@@ -25,7 +26,9 @@ def neo4j_server() -> Iterator["Neo4jServer"]:  # noqa: F821
             "apt-get install openjdk-17-jre-headless maven); they start a real Neo4j server",
             pytrace=False,
         )
-    server = Neo4jServer(heap="768m")
+    # A password that starts with "-": generated ones do 1 time in 64 (token_urlsafe), and neo4j-admin once read
+    # such a password as an option and refused to start; every run now exercises that case.
+    server = Neo4jServer(heap="768m", password="-" + secrets.token_urlsafe(18))
     try:
         server.start()
     except Exception as exc:  # show why (the server log tail is in the message) and fail loudly
