@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("ingest", "kg", "encoders", "ml100k", "ranking", "enrichment", "serve", "dask", "scale")
+BENCHMARKS = ("ingest", "kg", "encoders", "ml100k", "ranking", "ranker_leaves", "enrichment", "serve", "dask", "scale")
 
 
 def main(argv: list[str]) -> int:
