@@ -1,7 +1,8 @@
 """The real Neo4j server fixture (owned by kg/).
 
 ``neo4j_server`` (session): fetches the Neo4j jars with Maven on first use (cached under
-``${KGREC_CACHE_DIR:-~/.cache/kgrec}``) and starts one server, with a generated password that starts with "-", for the whole run.
+``${KGREC_CACHE_DIR:-~/.cache/kgrec}``) and starts one server for the whole run, with a generated password that
+starts with "-".
 ``neo4j_store`` (function): a ``Neo4jStore`` on that server with an emptied database.
 
 Java 17 and Maven are required: when they are missing the fixture FAILS (CI has them), it does not skip.
