@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import logging
 import time
@@ -221,6 +222,13 @@ def fit_embeddings(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    if distributed:
+        # Free the DDP wrapper (its reducer holds the process group and sits in reference cycles) while the group
+        # is alive: left to the interpreter's exit, its teardown after destroy_process_group() aborted a gloo rank
+        # ("terminate called without an active exception") about one run in fifteen.
+        del net, opt
+        gc.collect()
+        dist.barrier()
     return history
 
 
