@@ -32,7 +32,7 @@ def run_seed(seed: int, leaves: list[int], items: int, users: int, fit_clip: boo
     from kgrec.data.ingest import ingest
     from kgrec.data.schema import Dataset
     from kgrec.data.synthetic import generate_catalog
-    from kgrec.pipeline import Recommender, split_pairs
+    from kgrec.pipeline import Recommender
 
     raw, ds_dir = work / f"raw{seed}", work / f"dataset{seed}"
     cfg = Config()
@@ -48,21 +48,13 @@ def run_seed(seed: int, leaves: list[int], items: int, users: int, fit_clip: boo
     t0 = time.perf_counter()
     rec = Recommender.fit(ds_dir, cfg)
     fit_s = time.perf_counter() - t0
-    events = ds.events
-    pairs = split_pairs(ds, events, rec.user_pos, rec.item_pos, seed=cfg.fusion.seed)
-    tr, va, te = (pairs[pairs["split"] == c] for c in (0, 1, 2))
-    ev_split = rec._event_splits(events, pairs)
     rows = []
     for j, n in enumerate(leaves):
         if j == 0:  # the ranker Recommender.fit trained and evaluated with leaves[0]
             ranker_s, test = rec.metrics["timings"]["train_ranker_s"], rec.metrics["test"]
         else:
-            rec.config.ranking.num_leaves = n
-            rec.metrics.pop("ranker_training", None)
-            t1 = time.perf_counter()
-            rec.ranker = rec._fit_ranker(events[ev_split == 0], events[ev_split == 1], tr)
-            ranker_s = time.perf_counter() - t1
-            test = rec._evaluate(events[ev_split <= 1], tr, va, te)["test"]
+            out = rec.refit_ranker(cfg.ranking.model_copy(update={"num_leaves": n}), dataset=ds)
+            ranker_s, test = out["timings"]["train_ranker_s"], out["test"]
         report = rec.metrics.get("ranker_training", {}) if rec.ranker is not None else {}
         rows.append({
             "seed": seed, "num_leaves": n, "pipeline_fit_s": round(fit_s, 1), "ranker_fit_s": round(ranker_s, 2),

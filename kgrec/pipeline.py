@@ -33,7 +33,7 @@ import scipy.sparse as sp
 
 from kgrec import __version__
 from kgrec.bundle import read_idmap, read_manifest, write_bundle, write_idmap
-from kgrec.config import Config
+from kgrec.config import Config, RankingConfig
 from kgrec.data.schema import Dataset
 from kgrec.errors import BundleError, DataError, UnknownIdError
 
@@ -491,23 +491,53 @@ class Recommender:
         )
         rec._text_encoder, rec._clip_encoder = text_enc, clip_enc
 
-        # 5. ranker on valid labels, features from train-only history -----------------------------------------
-        t3 = time.perf_counter()
-        ev_split = rec._event_splits(events, pairs)
-        if len(va):
-            rec.ranker = rec._fit_ranker(events[ev_split == 0], events[ev_split == 1], tr)
-        timings["train_ranker_s"] = time.perf_counter() - t3
-
-        # 6. evaluation on test --------------------------------------------------------------------------------
-        t4 = time.perf_counter()
-        if len(te):
-            rec.metrics.update(rec._evaluate(events[ev_split <= 1], tr, va, te))
-        timings["evaluate_s"] = time.perf_counter() - t4
+        # 5. ranker on valid labels, features from train-only history; 6. evaluation on test ---------------------
+        timings.update(rec._rank_and_evaluate(events, pairs))
         timings["total_s"] = time.perf_counter() - t0
         rec.metrics["timings"] = timings
         rec.metrics["counts"] = {"users": n_u, "items": n_i, "train_pairs": len(tr), "valid_pairs": len(va),
                                  "test_pairs": len(te), "events": len(events)}
         return rec
+
+    def refit_ranker(self, ranking: RankingConfig | None = None, *,
+                     dataset: Dataset | str | Path | None = None) -> dict[str, Any]:
+        """Retrain only the LightGBM re-ranker, the GNN, encoders and graph unchanged, and evaluate on test again.
+
+        The split is the one :meth:`fit` used (recomputed from ``dataset``, by default the one the model was trained
+        on): the ranker learns from the valid events of users whose GNN candidates contain them, with features from
+        the train history, exactly as in :meth:`fit`. ``ranking`` replaces ``config.ranking`` (another tree size,
+        candidate count, ...). Updates :attr:`ranker` and :attr:`metrics` (``ranker_training``, ``test``) and returns
+        ``{"ranker_training": report or None, "test": metrics or None, "timings": {...}}``; ``save`` it afterwards
+        to keep it. The ranker is ``None`` afterwards when there is nothing to learn from (no valid events).
+        """
+        ds = dataset if dataset is not None else self.dataset_root
+        if ds is None:
+            raise DataError("refit_ranker needs the dataset the model was trained on; pass dataset=...")
+        ds = ds if isinstance(ds, Dataset) else Dataset.open(ds)
+        if ranking is not None:
+            self.config.ranking = RankingConfig.model_validate(ranking.model_dump())
+        events = ds.events
+        pairs = split_pairs(ds, events, self.user_pos, self.item_pos, seed=self.config.fusion.seed)
+        timings = self._rank_and_evaluate(events, pairs)
+        self.metrics.setdefault("timings", {}).update(timings)
+        return {"ranker_training": self.metrics.get("ranker_training"), "test": self.metrics.get("test"),
+                "timings": timings}
+
+    def _rank_and_evaluate(self, events: pd.DataFrame, pairs: pd.DataFrame) -> dict[str, float]:
+        """Fit the ranker on valid labels (features from the train history) and evaluate on test (fit's steps 5
+        and 6); replaces the ranker, its training report and the test metrics. Returns the two stages' seconds."""
+        tr, va, te = (pairs[pairs["split"] == c] for c in (0, 1, 2))
+        self.ranker, self._explainer = None, None
+        self.metrics.pop("ranker_training", None)
+        self.metrics.pop("test", None)
+        t0 = time.perf_counter()
+        ev_split = self._event_splits(events, pairs)
+        if len(va):
+            self.ranker = self._fit_ranker(events[ev_split == 0], events[ev_split == 1], tr)
+        t1 = time.perf_counter()
+        if len(te):
+            self.metrics.update(self._evaluate(events[ev_split <= 1], tr, va, te))
+        return {"train_ranker_s": t1 - t0, "evaluate_s": time.perf_counter() - t1}
 
     def _event_splits(self, events: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
         """Split code per event row, from its (user, item) pair (events of pairs without a split: train)."""

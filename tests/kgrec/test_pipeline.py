@@ -147,6 +147,24 @@ def test_similar_items_share_category_more_than_chance(fitted):
     assert same / total > 2 * share
 
 
+def test_refit_ranker_changes_only_the_ranker_and_is_reproducible(fitted, demo_dataset):
+    before_test = json.loads(json.dumps(fitted.metrics["test"]))
+    before_ranker, before_model = fitted.ranker, fitted.model
+    original = fitted.config.ranking.model_copy()
+    small = fitted.refit_ranker(original.model_copy(update={"num_leaves": 2}), dataset=demo_dataset)
+    trees = fitted.ranker.booster_.dump_model()["tree_info"]
+    assert trees and max(t["num_leaves"] for t in trees) == 2  # the new setting was used
+    assert fitted.ranker is not before_ranker and fitted.model is before_model  # the GNN is untouched
+    assert small["test"]["gnn"] == before_test["gnn"]  # same split, same retrieval order
+    assert small["ranker_training"]["train_groups"] == fitted.metrics["ranker_training"]["train_groups"] > 0
+    assert fitted.metrics["test"] is small["test"] and fitted.config.ranking.num_leaves == 2
+    # back to the fitted setting: the same ranker numbers as Recommender.fit produced (and the fixture restored)
+    again = fitted.refit_ranker(original, dataset=demo_dataset)
+    assert again["test"]["gnn+ranker"] == pytest.approx(before_test["gnn+ranker"], abs=1e-12)
+    assert fitted.config.ranking == original
+    assert fitted.recommend(fitted.user_ids[0], 3, explain=True)[0].explanation  # explainer rebuilt on the new ranker
+
+
 @pytest.fixture(scope="module")
 def split_catalog(demo_dataset, tmp_path_factory):
     """The demo dataset without 10% of its items (and their events), plus a delta dataset holding them."""
