@@ -225,7 +225,7 @@ def fit_embeddings(
     if distributed:
         # Free the DDP wrapper (its reducer holds the process group and sits in reference cycles) while the group
         # is alive: left to the interpreter's exit, its teardown after destroy_process_group() aborted a gloo rank
-        # ("terminate called without an active exception") about one run in fifteen.
+        # ("terminate called without an active exception") in about one run of two ranks in twenty-five.
         del net, opt
         gc.collect()
         dist.barrier()

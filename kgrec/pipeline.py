@@ -514,6 +514,9 @@ class Recommender:
         if ds is None:
             raise DataError("refit_ranker needs the dataset the model was trained on; pass dataset=...")
         ds = ds if isinstance(ds, Dataset) else Dataset.open(ds)
+        if self.data_fingerprint and ds.fingerprint != self.data_fingerprint:
+            logger.warning("refit_ranker: %s is not the dataset this model was trained on (fingerprints differ); "
+                           "its split decides the ranker's labels and the test metrics", ds.root)
         if ranking is not None:
             self.config.ranking = RankingConfig.model_validate(ranking.model_dump())
         events = ds.events
