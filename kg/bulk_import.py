@@ -324,7 +324,7 @@ def dataset_frames(dataset: Dataset, *, events: pd.DataFrame | None = None, also
         keys = ["user_id", "item_id", "type"]
         e = e.sort_values([*keys, "timestamp"], kind="stable")
         g = e.groupby(keys, sort=True, observed=True)
-        agg = g["timestamp"].agg(["count", "min", "max"]).reset_index()
+        agg = g["timestamp"].agg(["size", "min", "max"]).rename(columns={"size": "count"}).reset_index()
         last = e.dropna(subset=["value"]).groupby(keys, sort=True, observed=True)["value"].last()
         agg = agg.merge(last.rename("value").reset_index(), on=keys, how="left")
         for etype, part in agg.groupby("type", sort=True, observed=True):

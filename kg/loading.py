@@ -105,7 +105,8 @@ def aggregate_interactions(events: pd.DataFrame) -> dict[str, list[dict[str, Any
     ev = ev.sort_values(["user_id", "item_id", "type", "timestamp"], kind="stable")
     keys = ["user_id", "item_id", "type"]
     g = ev.groupby(keys, sort=True, observed=True)
-    agg = g["timestamp"].agg(["count", "min", "max"]).reset_index()
+    # "size", not "count": events without a timestamp (KGAT has none) are interactions all the same
+    agg = g["timestamp"].agg(["size", "min", "max"]).rename(columns={"size": "count"}).reset_index()
     last_value = ev.dropna(subset=["value"]).groupby(keys, sort=True, observed=True)["value"].last()
     agg = agg.merge(last_value.rename("value").reset_index(), on=keys, how="left")
     agg["first_ts"] = format_ts(agg["min"])
@@ -116,7 +117,9 @@ def aggregate_interactions(events: pd.DataFrame) -> dict[str, list[dict[str, Any
         rows = []
         for u, i, c, f, la, v in zip(part["user_id"], part["item_id"], part["count"], part["first_ts"],
                                      part["last_ts"], values):
-            row = {"src": str(u), "dst": str(i), "count": int(c), "first_ts": f, "last_ts": la}
+            row = {"src": str(u), "dst": str(i), "count": int(c)}
+            if isinstance(f, str):  # no timestamp: the properties are left out, not stored as NaN
+                row["first_ts"], row["last_ts"] = f, la
             if not np.isnan(v):
                 row["value"] = float(v)
             rows.append(row)

@@ -123,3 +123,16 @@ def test_columnar_frames_equal_graph_rows(demo_dataset, small_dataset):
         assert sorted(fast[0]) == sorted(slow[0]) and sorted(fast[1]) == sorted(slow[1])
         assert _canon(fast[0]) == _canon(slow[0])
         assert _canon(fast[1]) == _canon(slow[1])
+
+
+def test_columnar_frames_count_events_without_timestamps(small_dataset):
+    """Events with no timestamp (KGAT data) still count: both row builders give count = events, no timestamps."""
+    from kg.bulk_import import dataset_frames, graph_rows_frames
+    from kg.loading import build_graph_rows
+
+    ev = small_dataset.events.copy()
+    ev["timestamp"] = pd.NaT
+    fast = _canon(dataset_frames(small_dataset, events=ev)[1])
+    assert fast == _canon(graph_rows_frames(build_graph_rows(small_dataset, events=ev))[1])
+    assert fast["VIEWED"] == [{"src": "U1", "dst": "I1", "count": 2}]
+    assert sorted(r["count"] for r in fast["PURCHASED"]) == [1] * 7

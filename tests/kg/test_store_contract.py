@@ -1,6 +1,7 @@
 """The GraphStore contract, run on both implementations (embedded networkx and the real Neo4j server)."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -165,6 +166,19 @@ def test_train_events_replace_dataset_events(store, small_dataset):
     store.load(small_dataset, events=train)
     c = store.counts()
     assert c["PURCHASED"] == 5 and c["ALSO_BOUGHT"] == 1 and c["User"] == 4  # U3 still in users.parquet
+
+
+def test_events_without_timestamps_count_every_event(store, small_dataset):
+    # KGAT data and event files without a timestamp column: the count is the number of events, and no
+    # first_ts / last_ts properties are written (not NaN)
+    ev = small_dataset.events.copy()
+    ev["timestamp"] = pd.NaT
+    store.load(small_dataset, events=ev)
+    viewed = [e for e in store.subgraph("U1", hops=1)["edges"] if e["type"] == "VIEWED"]
+    assert viewed == [{"type": "VIEWED", "src": ["User", "U1"], "dst": ["Item", "I1"], "count": 2}]
+    data, ids = store.to_hetero_data()
+    assert data["user", "viewed", "item"].edge_weight.tolist() == [2.0]
+    assert data["user", "purchased", "item"].edge_weight.tolist() == [1.0] * 7
 
 
 @pytest.mark.neo4j
