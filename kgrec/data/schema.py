@@ -183,6 +183,23 @@ def atomic_directory(final_dir: str | Path) -> Iterator[Path]:
         raise
 
 
+def _link_copy(src: Path, dst: Path) -> None:
+    """``src`` (a file or a directory tree) at ``dst`` as hard links, copying where linking is not possible."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        link(str(src), str(dst))
+
+
 class Dataset:
     """A validated dataset directory: ``items/users/events/triples/links[/split].parquet``, ``images/``,
     ``manifest.json`` and ``quarantine/``.
@@ -242,10 +259,12 @@ class Dataset:
                 counts[name] = table.num_rows
                 fingerprints[name] = table_fingerprint(table)
             if root.exists():
+                # hard links (a copy across file systems): the live dataset keeps every file until the swap, and a
+                # failed write leaves it as it was
                 for child in root.iterdir():
                     if child.name.endswith(".parquet") or child.name == "manifest.json":
                         continue
-                    os.replace(child, tmp / child.name)
+                    _link_copy(child, tmp / child.name)
             if images_from is not None:
                 src = Path(images_from)
                 src_images = src / "images" if (src / "images").is_dir() else src

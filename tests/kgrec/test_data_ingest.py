@@ -36,6 +36,32 @@ def test_strict_mode_writes_nothing_and_keeps_existing_dataset(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
 
 
+def test_failed_dataset_write_keeps_the_existing_dataset_whole(tmp_path):
+    import os
+
+    import pyarrow as pa
+
+    out = tmp_path / "ds"
+    items = pa.table({"item_id": ["i1"], "title": ["a"]})
+    Dataset.write(out, {"items": items})
+    (out / "quarantine").mkdir()
+    (out / "quarantine" / "events.jsonl").write_text('{"reason": "x"}\n')
+    (out / "truth").mkdir()
+    (out / "truth" / "answers.json").write_text("{}")
+    src = tmp_path / "src" / "images"
+    src.mkdir(parents=True)
+    os.symlink(tmp_path / "missing.jpg", src / "broken.jpg")  # copytree fails on it
+    with pytest.raises(shutil.Error):
+        Dataset.write(out, {"items": items}, images_from=tmp_path / "src")
+    assert (out / "quarantine" / "events.jsonl").read_text() == '{"reason": "x"}\n'
+    assert (out / "truth" / "answers.json").read_text() == "{}"
+    # a successful rewrite keeps them too, and the new dataset's files are independent of the staging
+    Dataset.write(out, {"items": items})
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".parquet")) == [
+        "manifest.json", "quarantine", "truth"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_reingest_replaces_the_dataset_without_stale_files(tmp_path):
     out = tmp_path / "ds"
     ingest(_source(tmp_path / "bad", bad=True), out)
