@@ -403,7 +403,9 @@ def _timestamps(table: pa.Table, name: str, lo_us: int, hi_us: int) -> tuple[np.
     col = table.column(name)
     empty = np.zeros(n, dtype=bool)
     if pa.types.is_timestamp(col.type):
-        us = col.cast(pa.timestamp("us", tz=col.type.tz)) if col.type.unit != "us" else col
+        # ns -> us truncates (pandas writes ns; the text path truncates the same way); s / ms -> us is exact
+        us = col if col.type.unit == "us" else col.cast(pa.timestamp("us", tz=col.type.tz),
+                                                        safe=col.type.unit != "ns")
         null = _bool(pc.is_null(us))
         vals = _np(pc.fill_null(us.cast(pa.int64()), 0)).astype(np.int64)
         empty = null

@@ -165,6 +165,22 @@ def test_implicit_users_without_users_file(tmp_path):
     assert report.quarantined == 0
 
 
+def test_parquet_nanosecond_timestamps_are_truncated_not_fatal(tmp_path):
+    import pandas as pd
+    import pyarrow as pa
+
+    (tmp_path / "items.csv").write_text("item_id,title\nA,a\n")
+    ev = pd.DataFrame({"user_id": ["u1", "u2"], "item_id": ["A", "A"], "type": ["view", "view"],
+                       "timestamp": [pd.Timestamp("2024-01-01 00:00:00.000001999"), pd.Timestamp("2024-01-01")]})
+    pq.write_table(pa.Table.from_pandas(ev, preserve_index=False), tmp_path / "events.parquet")
+    assert pq.read_schema(tmp_path / "events.parquet").field("timestamp").type.unit == "ns"
+    report = ingest(tmp_path, tmp_path / "ds")
+    ds = Dataset.open(tmp_path / "ds")
+    assert report.quarantined == 0
+    assert [t.isoformat() for t in ds.events.timestamp] == ["2024-01-01T00:00:00.000001+00:00",
+                                                            "2024-01-01T00:00:00+00:00"]
+
+
 def test_path_traversal_variants_rejected(tmp_path):
     root = tmp_path / "root"
     _png(root / "a.png")
