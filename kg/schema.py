@@ -9,6 +9,7 @@ Node keys (property ``id`` on every node, unique per label):
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -69,8 +70,15 @@ _SAFE = re.compile(r"[^A-Za-z0-9_]+")
 
 
 def entity_relation_pyg_name(relation: str) -> str:
-    """HeteroData relation name for an external triple relation, safe for ``to_hetero`` module keys."""
-    return "rel_" + _SAFE.sub("_", relation).strip("_").lower()
+    """HeteroData relation name for an external triple relation, safe for ``to_hetero`` module keys, and one name
+    per relation: where making it safe changed the text ("is a", "is-a", "Director", "作者"), 8 hex digits of its
+    SHA-1 follow, so relations that read alike stay apart ("directed_by" -> ``rel_directed_by``,
+    "film.directed_by" -> ``rel_film_directed_by_<hash>``)."""
+    safe = _SAFE.sub("_", relation).strip("_").lower()
+    if safe != relation:
+        digest = hashlib.sha1(relation.encode("utf-8")).hexdigest()[:8]
+        safe = f"{safe}_{digest}" if safe else digest
+    return "rel_" + safe
 
 
 def check_label(label: str) -> str:

@@ -66,6 +66,18 @@ def test_export_layout(store, small_dataset):
     assert viewed.edge_weight.tolist() == [2.0]  # count
 
 
+def test_relations_that_read_alike_stay_apart(store):
+    # "is a" / "is-a", "Director" / "director" and non-ASCII relations: one edge type each, no duplicate edges
+    rels = ["is a", "is-a", "Director", "director", "作者", "出版社"]
+    store.upsert_edges("ENTITY_RELATION", [{"src": "a", "dst": "b", "relation": r} for r in rels])
+    data, _ = store.to_hetero_data()
+    names = [entity_relation_pyg_name(r) for r in rels]
+    assert len(set(names)) == 6 and all(n.isascii() and n.replace("_", "").isalnum() for n in names)
+    assert names[3] == "rel_director" and names[0].startswith("rel_is_a_")
+    assert sorted(r for _, r, _ in data.edge_types) == sorted(names)
+    assert all(data["entity", n, "entity"].edge_index.tolist() == [[0], [1]] for n in names)
+
+
 def test_paths_small(store, small_dataset):
     store.load(small_dataset)
     paths = store.paths(("User", "U1"), ("Item", "I3"), max_hops=3, limit=4)
@@ -211,7 +223,7 @@ def test_recbole_kg_sample_both_stores_agree(neo4j_store, recbole_dataset):
     a, ids = emb.to_hetero_data()
     b, _ = neo4j_store.to_hetero_data()
     assert hetero_equal(a, b)
-    directed = a["entity", "rel_film_film_directed_by", "entity"].edge_index
+    directed = a["entity", entity_relation_pyg_name("film.film.directed_by"), "entity"].edge_index
     assert directed.shape == (2, 3)
     # item 10 (Toy Story) and item 11 (Heat): directors share a nationality
     p = neo4j_store.paths(("Item", "10"), ("Entity", "m.usa"), max_hops=3)
