@@ -208,14 +208,21 @@ class Neo4jStore:
     def upsert_edges_per_row(self, rel_type: str, rows: Iterable[dict[str, Any]]) -> int:
         """One transaction per relationship: the slow baseline the benchmark compares batching against."""
         et = EDGE_TYPES[check_rel_type(rel_type)]
+        # the same identity as upsert_edges: triples between two entities are one relationship per relation
+        ident = " {relation: $relation}" if rel_type == "ENTITY_RELATION" else ""
         query = (
             f"MERGE (a:{check_label(et.src)} {{id: $src}}) MERGE (b:{check_label(et.dst)} {{id: $dst}}) "
-            f"MERGE (a)-[r:{rel_type}]->(b) SET r += $props"
+            f"MERGE (a)-[r:{rel_type}{ident}]->(b) SET r += $props"
         )
         n = 0
         for r in rows:
-            self._write(query, src=str(r["src"]), dst=str(r["dst"]),
-                        props={k: v for k, v in r.items() if k not in ("src", "dst")})
+            props = {k: v for k, v in r.items() if k not in ("src", "dst")}
+            params: dict[str, Any] = {"src": str(r["src"]), "dst": str(r["dst"]), "props": props}
+            if rel_type == "ENTITY_RELATION":
+                if props.get("relation") is None:
+                    raise GraphStoreError("ENTITY_RELATION rows need a 'relation' value")
+                params["relation"] = str(props["relation"])
+            self._write(query, **params)
             n += 1
         return n
 

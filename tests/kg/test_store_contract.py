@@ -231,3 +231,25 @@ def test_recbole_kg_sample_both_stores_agree(neo4j_store, recbole_dataset):
     assert [s.properties["relation"] for s in p[0].steps[1:]] == ["film.film.directed_by",
                                                                   "people.person.nationality"]
     assert p == emb.paths(("Item", "10"), ("Entity", "m.usa"), max_hops=3)
+
+
+@pytest.mark.neo4j
+def test_per_row_upsert_keeps_one_relationship_per_relation(neo4j_store):
+    # the one-transaction-per-row baseline of the bulk benchmark builds the same graph as upsert_edges
+    rows = [{"src": "e1", "dst": "e2", "relation": "director"}, {"src": "e1", "dst": "e2", "relation": "producer"},
+            {"src": "e1", "dst": "e2", "relation": "director"}]
+    assert neo4j_store.upsert_edges_per_row("ENTITY_RELATION", rows) == 3
+    assert neo4j_store.counts()["ENTITY_RELATION"] == 2
+    per_row, _ = neo4j_store.to_hetero_data()
+    with pytest.raises(GraphStoreError, match="need a 'relation'"):
+        neo4j_store.upsert_edges_per_row("ENTITY_RELATION", [{"src": "e1", "dst": "e2"}])
+    emb = embedded_copy_of_rows("ENTITY_RELATION", rows)
+    assert hetero_equal(per_row, emb.to_hetero_data()[0])
+
+
+def embedded_copy_of_rows(rel: str, rows: list[dict]) -> object:
+    from kg.embedded_store import EmbeddedStore
+
+    s = EmbeddedStore()
+    s.upsert_edges(rel, rows)
+    return s
