@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from kg.schema import EDGE_TYPES, INTERACTION_RELS, NODE_LABELS
+from kgrec.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     from kgrec.data.schema import Dataset
@@ -236,7 +237,10 @@ def build_graph_rows(dataset: Dataset, *, events: pd.DataFrame | None = None,
 
 
 def attribute_value_id(name: str, value: str) -> str:
-    """Key of an ``AttributeValue`` node: ``"name=value"``."""
+    """Key of an ``AttributeValue`` node: ``"name=value"`` (ingest turns ``=`` in names into ``_``, so the first
+    ``=`` separates them; a name with ``=`` would share ids with another pair and is refused)."""
+    if "=" in name:
+        raise DataError(f"attribute name {name!r} contains '='; ingest the dataset again (names get '_' for '=')")
     return f"{name}={value}"
 
 

@@ -12,8 +12,9 @@ Decisions written down here (and in the README):
     duplicate triples and links. Duplicate item/user ids are quarantined after the first occurrence.
   * Cleaning: every text value is trimmed; titles, brands, categories and attribute values get runs of whitespace
     collapsed; brand and category spellings that differ only in case are mapped to the most frequent spelling;
-    category segments are trimmed around ``>``; attribute names are lower-case with ``_`` for spaces; attribute
-    values are lower-case; event types are lower-case with a few synonyms mapped (``add_to_cart`` -> ``cart``).
+    category segments are trimmed around ``>``; attribute names are lower-case with ``_`` for spaces and ``=``
+    (two names that become one quarantine the row); attribute value spellings that differ only in case are mapped
+    to the most frequent spelling per name; event types are lower-case with a few synonyms mapped (``add_to_cart`` -> ``cart``).
   * Timestamps: Arrow timestamps (naive = UTC), ISO-8601 text (offsets converted to UTC, naive = UTC), or unix
     seconds (numbers above 1e11 are read as milliseconds); outside [min_timestamp, max_timestamp] is bad.
   * Image references must be relative paths that stay inside the source directory after resolving ``..`` and
@@ -508,8 +509,15 @@ def _normalise_attributes(text: str) -> tuple[dict[str, str] | None, str | None]
     if not isinstance(obj, dict):
         return None, f"attributes must be a JSON object of name -> value, got {type(obj).__name__}"
     clean: dict[str, str] = {}
+    first_key: dict[str, str] = {}
     for k, v in obj.items():
-        name = _WS.sub("_", str(k).strip()).lower()
+        # "=" separates name and value in AttributeValue ids (kg.loading.attribute_value_id): "_" in names
+        name = _WS.sub("_", str(k).strip()).lower().replace("=", "_")
+        if name and name in first_key and v is not None:
+            return None, (f"attributes {first_key[name]!r} and {k!r} are the same name {name!r} after normalisation "
+                          "(lower case, '_' for spaces and '='); keep one")
+        if name and v is not None:
+            first_key[name] = str(k)
         if isinstance(v, (dict, list)):
             return None, f"attribute {k!r} has a nested value ({type(v).__name__}); values must be text or numbers"
         if v is None:
@@ -519,7 +527,7 @@ def _normalise_attributes(text: str) -> tuple[dict[str, str] | None, str | None]
         elif isinstance(v, float) and v.is_integer():
             v = str(int(v))
         value = _WS.sub(" ", str(v).strip())
-        if not name or not value or name in clean:
+        if not name or not value:
             continue
         clean[name] = value
     return (clean or None), None

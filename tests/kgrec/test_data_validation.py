@@ -181,6 +181,27 @@ def test_parquet_nanosecond_timestamps_are_truncated_not_fatal(tmp_path):
                                                             "2024-01-01T00:00:00+00:00"]
 
 
+def test_attribute_names_that_become_one_quarantine_the_row(tmp_path):
+    import pandas as pd
+
+    from kg.loading import attribute_value_id
+    from kgrec.errors import DataError
+
+    pd.DataFrame({"item_id": ["A", "B", "C"], "title": ["a", "b", "c"],
+                  "attributes": [json.dumps({"Color": "red", "color": "blue"}), json.dumps({"Size=EU": "42"}),
+                                 json.dumps({"size": "EU=42"})]}).to_json(tmp_path / "items.jsonl", orient="records",
+                                                                          lines=True)
+    report = ingest(tmp_path, tmp_path / "ds")
+    ds = Dataset.open(tmp_path / "ds")
+    items = {it.item_id: it.attributes for it in ds.iter_items()}
+    assert items == {"B": {"size_eu": "42"}, "C": {"size": "EU=42"}}  # two AttributeValue ids, not one
+    assert report.tables["items"].reasons == {"bad_type": 1}
+    q = pq.read_table(tmp_path / "ds" / "quarantine" / "items.parquet").to_pylist()
+    assert [r["line"] for r in q] == [1] and "'Color' and 'color' are the same name 'color'" in q[0]["message"]
+    with pytest.raises(DataError, match="contains '='"):
+        attribute_value_id("size=eu", "42")
+
+
 def test_path_traversal_variants_rejected(tmp_path):
     root = tmp_path / "root"
     _png(root / "a.png")
