@@ -125,3 +125,19 @@ def test_atomic_directory_swaps_on_success_and_keeps_the_old_one_on_error(tmp_pa
             raise RuntimeError("boom")
     assert (target / "a.txt").read_text() == "one"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
+
+
+def test_table_fingerprint_depends_on_content_not_chunking():
+    import numpy as np
+    import pyarrow as pa
+
+    from kgrec.data.schema import table_fingerprint
+
+    n = 150_000  # more than one 65,536-row slice
+    t = pa.table({"a": np.arange(n), "s": pa.array([None if i % 13 == 0 else str(i % 97) for i in range(n)])})
+    rechunked = pa.concat_tables([t.slice(0, 1), t.slice(1, 70_000), t.slice(70_001, n)])
+    tiny_chunks = pa.concat_tables([t.slice(i, 1_000) for i in range(0, n, 1_000)])
+    assert rechunked.column(0).num_chunks == 3 and tiny_chunks.column(0).num_chunks == 150
+    assert table_fingerprint(t) == table_fingerprint(rechunked) == table_fingerprint(tiny_chunks)
+    changed = t.set_column(0, "a", pa.array(np.r_[np.arange(n - 1), -1]))
+    assert table_fingerprint(changed) != table_fingerprint(t)
