@@ -373,11 +373,24 @@ def read_jsonl(path: Path) -> RawTable:
             objs.append(obj)
             lines.append(lineno)
     # columns: the union of keys in order of first appearance; keys equal after strip/lower-case share a column
-    # (the first key present in a row wins)
+    # ("Title" in one row, "title" in another); a row holding values under two such keys is rejected
     raw_keys = list(dict.fromkeys(k for o in objs for k in o))
     by_name: dict[str, list[str]] = {}
     for k in raw_keys:
         by_name.setdefault(str(k).strip().lower(), []).append(k)
+    shared = [keys for keys in by_name.values() if len(keys) > 1]
+    if shared:
+        keep = []
+        for j, o in enumerate(objs):
+            clash = next((ks for ks in ([k for k in keys if o.get(k) is not None] for keys in shared) if len(ks) > 1),
+                         None)
+            if clash is None:
+                keep.append(j)
+            else:
+                rejected.append(_reject(file, lines[j], "malformed_row",
+                                        f"{file} line {lines[j]}: keys {clash} are the same column in lower case",
+                                        {"text": json.dumps(o, ensure_ascii=False)}))
+        objs, lines = [objs[j] for j in keep], [lines[j] for j in keep]
     columns: dict[str, list[str | None]] = {}
     for name, keys in by_name.items():
         if len(keys) == 1:
@@ -416,6 +429,10 @@ def read_parquet(path: Path) -> RawTable:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"cannot read {path} as Parquet: {exc}") from exc
+    names = [c.strip().lower() for c in table.column_names]
+    if len(set(names)) != len(names):
+        dups = sorted({c for c, n in zip(table.column_names, names) if names.count(n) > 1})
+        raise DataError(f"{path}: columns {dups} are the same name in lower case; rename one")
     table = normalise_parquet_columns(table)
     lines = np.arange(1, table.num_rows + 1, dtype=np.int64)
     table, lines, bad = _decode_columns(table, path.name, lines)

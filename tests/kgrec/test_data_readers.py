@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from kgrec.data.ingest import ingest
-from kgrec.data.readers import LINE_COL, detect_format, read_delimited, read_jsonl, read_source
+from kgrec.data.readers import LINE_COL, detect_format, read_delimited, read_jsonl, read_parquet, read_source
 from kgrec.data.schema import Dataset
 from kgrec.errors import DataError
 
@@ -207,3 +207,15 @@ def test_jsonl_keys_differing_in_case_share_a_column(tmp_path):
     assert raw.table.column("item_id").to_pylist() == ["A", "B"]
     assert raw.table.column("title").to_pylist() == ["x", "y"]
     assert raw.table.column("extra").to_pylist() == [None, '{"k": 1}']
+
+
+def test_keys_or_columns_equal_in_lower_case_in_one_row_are_refused(tmp_path):
+    p = tmp_path / "items.jsonl"
+    p.write_text('{"item_id": "A", "Title": "x", "title": "y"}\n{"item_id": "B", "Title": "z", "title": null}\n')
+    raw = read_jsonl(p)
+    assert raw.table.column("item_id").to_pylist() == ["B"] and raw.table.column("title").to_pylist() == ["z"]
+    assert [(r["line"], r["reason"]) for r in raw.rejected] == [(1, "malformed_row")]
+    assert "['Title', 'title'] are the same column" in raw.rejected[0]["message"]
+    pq.write_table(pa.table({"item_id": ["A"], "Title": ["x"], "title": ["y"]}), tmp_path / "items.parquet")
+    with pytest.raises(DataError, match=r"columns \['Title', 'title'\] are the same name in lower case"):
+        read_parquet(tmp_path / "items.parquet")
