@@ -7,8 +7,9 @@ Training (``fusion.train``)
     ``train_model(num_users, num_items, train_users, train_items, *, graph=HeteroData | None,
     text=(num_items, d_t) | None, image=(num_items, d_i) | None, image_present=(num_items,) bool | None,
     valid=(users, items) | None, config=FusionConfig) -> TrainedModel``.
-    User-item edges inside ``graph`` are ignored (interactions come only from the train arrays: no leakage);
-    every other HeteroData edge type is a KG relation with its own learned gate. ``config.use_kg / use_text /
+    User-item edges inside ``graph`` are ignored (interactions come only from the train arrays); edges derived
+    from interactions (ALSO_BOUGHT) are the caller's to build from training events (``kgrec.pipeline
+    .training_graph``); every other HeteroData edge type is a KG relation with its own learned gate. ``config.use_kg / use_text /
     use_image`` are the ablation switches; ``config.hybrid_ease`` adds an EASE item-item term (chosen on valid).
 
 ``TrainedModel``

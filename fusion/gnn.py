@@ -214,7 +214,9 @@ def build_relational_graph(
     """Assemble the propagation graph from training interactions and the KG edges of a ``HeteroData``.
 
     User-item edge types in ``graph`` are ignored on purpose: interactions come only from ``train_users`` /
-    ``train_items`` so valid/test events exported into the graph can never leak into training.
+    ``train_items`` so valid/test events exported into the graph can never leak into training. Item-item edges
+    derived from interactions (ALSO_BOUGHT) are kept: the caller passes a graph built from training events
+    (``kgrec.pipeline.training_graph``).
 
     Args:
         num_users, num_items: sizes of the user and item index spaces.

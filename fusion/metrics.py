@@ -120,6 +120,8 @@ def evaluate(
         true_keys = truth.row.astype(np.int64) * num_items + truth.col
         top_keys = np.arange(len(batch), dtype=np.int64)[:, None] * num_items + top
         hits = np.isin(top_keys, true_keys)
+        if hits.shape[1] < max(ks):  # a catalogue smaller than k: ranks past its end are never hits
+            hits = np.pad(hits, ((0, 0), (0, max(ks) - hits.shape[1])))
         for name, vals in rank_metrics(hits, num_pos_all[batch], ks).items():
             per_user.setdefault(name, []).append(vals)
         for k in ks:

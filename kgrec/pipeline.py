@@ -114,6 +114,25 @@ def split_pairs(dataset: Dataset, events: pd.DataFrame, user_pos: dict[str, int]
     return pairs
 
 
+def event_split_codes(events: pd.DataFrame, pairs: pd.DataFrame, user_pos: dict[str, int],
+                      item_pos: dict[str, int]) -> np.ndarray:
+    """Split code per event row, from its (user, item) pair (events of pairs without a split: train)."""
+    n_items = len(item_pos)
+    u = events["user_id"].astype(str).map(user_pos).fillna(-1).astype(np.int64).to_numpy()
+    i = events["item_id"].astype(str).map(item_pos).fillna(-1).astype(np.int64).to_numpy()
+    lookup = pd.Series(pairs["split"].to_numpy(), index=pairs["u"].to_numpy() * n_items + pairs["i"].to_numpy())
+    lookup = lookup[~lookup.index.duplicated()]
+    return lookup.reindex(u * n_items + i).fillna(0).astype(np.int8).to_numpy()
+
+
+def training_graph(hetero: Any, id_maps: dict[str, list[str]], events: pd.DataFrame, pairs: pd.DataFrame,
+                   also_bought_min_count: int) -> Any:
+    """The graph the GNN trains on: ``hetero`` with its interaction and ALSO_BOUGHT edges rebuilt from the training
+    events only (ALSO_BOUGHT derived from every purchase would carry valid / test purchases into training)."""
+    codes = event_split_codes(events, pairs, _index(id_maps.get("user", [])), _index(id_maps.get("item", [])))
+    return interaction_view(hetero, id_maps, events[codes == 0], also_bought_min_count)
+
+
 def interaction_view(hetero: Any, id_maps: dict[str, list[str]], events: pd.DataFrame,
                      also_bought_min_count: int) -> Any:
     """A copy of ``hetero`` whose user->item edges and ALSO_BOUGHT edges come from ``events`` only.
@@ -475,7 +494,8 @@ class Recommender:
         # 4. GNN + fusion --------------------------------------------------------------------------------------
         t2 = time.perf_counter()
         model = train_model(
-            n_u, n_i, tr["u"].to_numpy(), tr["i"].to_numpy(), graph=hetero, text=text, image=image,
+            n_u, n_i, tr["u"].to_numpy(), tr["i"].to_numpy(),
+            graph=training_graph(hetero, id_maps, events, pairs, cfg.kg.also_bought_min_count), text=text, image=image,
             image_present=image_present,
             valid=(va["u"].to_numpy(), va["i"].to_numpy()) if len(va) else None,
             config=cfg.fusion, progress=progress,
@@ -544,12 +564,7 @@ class Recommender:
 
     def _event_splits(self, events: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
         """Split code per event row, from its (user, item) pair (events of pairs without a split: train)."""
-        u = events["user_id"].astype(str).map(self.user_pos).fillna(-1).astype(np.int64).to_numpy()
-        i = events["item_id"].astype(str).map(self.item_pos).fillna(-1).astype(np.int64).to_numpy()
-        key = u * len(self.item_ids) + i
-        lookup = pd.Series(pairs["split"].to_numpy(), index=pairs["u"].to_numpy() * len(self.item_ids) + pairs["i"].to_numpy())
-        lookup = lookup[~lookup.index.duplicated()]
-        return lookup.reindex(key).fillna(0).astype(np.int8).to_numpy()
+        return event_split_codes(events, pairs, self.user_pos, self.item_pos)
 
     def _context_for(self, events: pd.DataFrame) -> Any:
         from ranking.context import RankingContext
@@ -644,13 +659,13 @@ class Recommender:
             users = np.flatnonzero(np.diff(test.indptr) > 0)
             c = min(self.config.ranking.num_candidates, len(self.item_ids))
             cand = self._candidates(users, seen, c)
-            reranked = np.empty((len(users), max(KS)), dtype=np.int64)
+            reranked = np.full((len(users), max(KS)), -1, dtype=np.int64)  # -1: fewer candidates than k
             for s in range(0, len(users), 256):
                 fm = builder.build(users[s : s + 256], cand[s : s + 256])
                 sc = self.ranker.predict(fm.X).reshape(-1, c)
                 sc[cand[s : s + 256] < 0] = -np.inf
                 top = np.argsort(-sc, axis=1, kind="stable")[:, : max(KS)]
-                reranked[s : s + 256] = np.take_along_axis(cand[s : s + 256], top, axis=1)
+                reranked[s : s + 256, : top.shape[1]] = np.take_along_axis(cand[s : s + 256], top, axis=1)
             truth = test[users]
             hits = np.zeros(reranked.shape, dtype=bool)
             for r in range(len(users)):
@@ -658,7 +673,8 @@ class Recommender:
             vals = rank_metrics(hits, np.diff(truth.indptr), KS)
             rows["gnn+ranker"] = {k: float(np.mean(v)) for k, v in vals.items()}
             for k in KS:
-                rows["gnn+ranker"][f"item_coverage@{k}"] = float(len(np.unique(reranked[:, :k])) / len(self.item_ids))
+                top_k = reranked[:, :k]
+                rows["gnn+ranker"][f"item_coverage@{k}"] = len(np.unique(top_k[top_k >= 0])) / len(self.item_ids)
         return {"test": rows}
 
     # ------------------------------------------------------------------------------------------------ serving
@@ -754,6 +770,8 @@ class Recommender:
             extra = top_k_stable(qscores, c)
             cand = np.unique(np.r_[cand[cand >= 0], extra[np.isfinite(qscores[extra])]])
         cand = cand[cand >= 0]
+        if not len(cand):  # the user has seen every item
+            return []
         if self.ranker is None:
             scores = self.model.score(np.full(len(cand), u), cand)
             X = None
@@ -1332,7 +1350,8 @@ class Recommender:
             vecs = self._blend_with_kg_neighbours(new_items, content)
             _, weights = self._content_modality_weights(emb)
             # images of new items live in the update's dataset: keep absolute paths
-            new_items["image"] = [None if not im else str((ds.root / im).resolve()) for im in new_items["image"]]
+            new_items["image"] = [None if not isinstance(im, str) or not im else str((ds.root / im).resolve())
+                                  for im in new_items["image"]]  # a missing image reads back as NaN
             self._append_items(new_items, emb, vecs, weights)
         new_user_ids = sorted(set(new_events["user_id"].astype(str)) - set(self.user_pos))
         if new_user_ids:
@@ -1389,7 +1408,9 @@ class Recommender:
         cat_groups = pd.Series(known["item_id"].map(self.item_pos).to_numpy()).groupby(known["category"].fillna("").to_numpy()).apply(list).to_dict()
         out = content.copy()
         for r, row in enumerate(new_items.itertuples(index=False)):
-            idx = groups.get(f"{row.brand or ''}\x1f{row.category or ''}") or cat_groups.get(row.category or "")
+            brand = row.brand if isinstance(row.brand, str) else ""  # missing: None or NaN
+            category = row.category if isinstance(row.category, str) else ""
+            idx = groups.get(f"{brand}\x1f{category}") or cat_groups.get(category)
             if idx:
                 out[r] = 0.5 * content[r] + 0.5 * self.model.item_embeddings[idx].mean(0)
         return out.astype(np.float32)

@@ -150,6 +150,8 @@ class Ranker:
         the bias last; each row sums to ``predict(X)``."""
         self._check()
         X = np.asarray(X, dtype=np.float32)
+        if len(X) == 0:  # LightGBM divides by the row count
+            return np.zeros((0, len(self.feature_names) + 1), dtype=np.float64)
         return self.booster_.predict(
             X, num_iteration=self.best_iteration_, pred_contrib=True, num_threads=self._threads(len(X))
         )

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from encoders.items import ItemEmbeddings
     from kgrec.config import Config
     from kgrec.data.schema import Dataset
-    from kgrec.pipeline import _index, open_store, split_pairs
+    from kgrec.pipeline import _index, open_store, split_pairs, training_graph
 
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         image = emb.image[order] if emb.image.shape[1] else None
         present = emb.has_image[order] if image is not None else None
     model = train_model_ddp(
-        len(user_ids), len(item_ids), tr["u"].to_numpy(), tr["i"].to_numpy(), graph=hetero, text=text, image=image,
+        len(user_ids), len(item_ids), tr["u"].to_numpy(), tr["i"].to_numpy(),
+        graph=training_graph(hetero, id_maps, ds.events, pairs, cfg.kg.also_bought_min_count), text=text, image=image,
         image_present=present, valid=(va["u"].to_numpy(), va["i"].to_numpy()) if len(va) else None,
         config=cfg.fusion, device=device, progress=True,
     )

@@ -256,7 +256,8 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
     activity = rec.events["user_id"].value_counts() if len(rec.events) else pd.Series(dtype=int)
     known = set(rec.user_ids)
     users_by_activity = [u for u in activity.index.astype(str) if u in known]
-    users_by_activity += [u for u in rec.user_ids if u not in set(users_by_activity)]
+    active = set(users_by_activity)  # built once: rebuilding it per user made start-up O(users^2)
+    users_by_activity += [u for u in rec.user_ids if u not in active]
     dataset_root = Path(rec.dataset_root).resolve() if rec.dataset_root is not None else None
 
     app = FastAPI(

@@ -55,3 +55,14 @@ def test_evaluate_batches_give_same_result() -> None:
     a = evaluate(scores_from_matrix(scores), held, ex, batch_size=7)
     b = evaluate(scores_from_matrix(scores), held, ex, batch_size=1000)
     assert a == pytest.approx(b)
+
+
+def test_k_larger_than_the_catalogue_counts_missing_ranks_as_misses() -> None:
+    # 5 items, k = 20: @20 equals @5 for recall / ndcg / hit / mrr; precision keeps its / k
+    scores = np.tile(np.array([5.0, 4.0, 3.0, 2.0, 1.0]), (2, 1))
+    heldout = to_csr(np.array([0, 1, 1]), np.array([1, 3, 4]), (2, 5))
+    r = evaluate(scores_from_matrix(scores), heldout, None, ks=(5, 20))
+    for m in ("recall", "ndcg", "hit", "mrr"):
+        assert r[f"{m}@20"] == pytest.approx(r[f"{m}@5"])
+    assert r["recall@20"] == 1.0 and r["precision@20"] == pytest.approx((1 + 2) / 20 / 2)
+    assert r["item_coverage@20"] == 1.0

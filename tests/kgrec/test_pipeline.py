@@ -215,3 +215,83 @@ def test_incremental_update_makes_new_items_retrievable(split_catalog, tiny_enco
     # the updated model saves and loads
     rec2 = Recommender.load(rec.save(tmp_path / "b"), encoders=tiny_encoders)
     assert rec2.item_ids == rec.item_ids
+
+
+def test_gnn_training_graph_has_no_valid_or_test_purchases(demo_dataset):
+    # ALSO_BOUGHT derived from every purchase would carry valid / test labels into the GNN's training graph
+    from kg.embedded_store import EmbeddedStore
+    from kgrec.pipeline import _index, event_split_codes, split_pairs, training_graph
+
+    store = EmbeddedStore(also_bought_min_count=1)
+    store.load(demo_dataset)
+    hetero, ids = store.to_hetero_data()
+    up, ip = _index(ids["user"]), _index(ids["item"])
+    events = demo_dataset.events
+    pairs = split_pairs(demo_dataset, events, up, ip, seed=0)
+    codes = event_split_codes(events, pairs, up, ip)
+    g = training_graph(hetero, ids, events, pairs, also_bought_min_count=1)
+
+    def co_bought(ev):
+        buys = ev[ev["type"] == "purchase"].drop_duplicates(["user_id", "item_id"])
+        by_user = buys.groupby("user_id")["item_id"].apply(lambda s: sorted(ip[i] for i in s))
+        return {(a, b) for items in by_user for k, a in enumerate(items) for b in items[k + 1:]}
+
+    got = {tuple(e) for e in g["item", "also_bought", "item"].edge_index.t().tolist()}
+    assert got == co_bought(events[codes == 0])
+    assert co_bought(events) - got  # the full graph would have held pairs bought only in valid / test
+    assert not ({tuple(e) for e in g["user", "purchased", "item"].edge_index.t().tolist()}
+                & set(zip(pairs.loc[pairs["split"] > 0, "u"], pairs.loc[pairs["split"] > 0, "i"])))
+
+
+def test_user_who_has_seen_every_item_gets_an_empty_list(fitted):
+    import copy
+
+    import scipy.sparse as sp
+
+    rec = copy.copy(fitted)
+    user = fitted.user_ids[0]
+    u = fitted.user_pos[user]
+    seen = fitted.seen.tolil()
+    seen[u, :] = 1
+    rec._seen = sp.csr_matrix(seen)
+    assert rec.recommend(user, 5) == [] and rec.recommend(user, 5, explain=True) == []
+    assert rec.recommend_batch([user, fitted.user_ids[1]], 5, explain=True)[0] == []
+    assert fitted.ranker.contributions(np.zeros((0, len(fitted.ranker.feature_names)))).shape == (
+        0, len(fitted.ranker.feature_names) + 1)
+
+
+def test_update_with_new_items_without_image_or_brand(split_catalog, tiny_encoders, tmp_path):
+    # a missing image / brand reads back from Parquet as NaN: new items must still be added (text only)
+    from kgrec.data.schema import Dataset
+
+    base, delta, held = split_catalog
+    items = delta.items.reset_index()
+    items["image"], items["brand"] = None, None
+    bare = Dataset.write(tmp_path / "bare", {"items": items, "users": delta.users, "events": delta.events,
+                                            "links": delta.links})
+    cfg = Config.load(env={}, overrides={"fusion.epochs": 5, "fusion.dim": 32, "ranking.num_candidates": 50,
+                                          "encoders.cache_dir": str(tmp_path / "cache")})
+    rec = Recommender.fit(base, cfg, progress=False, encoders=tiny_encoders)
+    report = rec.update(bare)
+    assert report["new_items"] == len(held)
+    vecs = rec.model.item_embeddings[[rec.item_pos[h] for h in held]]
+    assert np.isfinite(vecs).all() and (np.linalg.norm(vecs, axis=1) > 0).all()
+
+
+def test_fit_on_a_catalogue_smaller_than_k_with_few_candidates(tiny_encoders, tmp_path):
+    # 15 items < k = 20 of the evaluation, 10 candidates < 20: ranks past the end are misses, not errors
+    from kgrec.data.ingest import ingest
+    from kgrec.data.synthetic import generate_catalog
+
+    generate_catalog(tmp_path / "raw", n_items=15, n_users=40, seed=0, images=False)
+    ingest(tmp_path / "raw", tmp_path / "ds")
+    cfg = Config.load(env={}, overrides={"fusion.epochs": 3, "fusion.dim": 16, "ranking.num_candidates": 10,
+                                          "encoders.cache_dir": str(tmp_path / "cache")})
+    rec = Recommender.fit(tmp_path / "ds", cfg, progress=False, encoders=tiny_encoders)
+    test = rec.metrics["test"]
+    assert {"gnn", "gnn+ranker"} <= set(test)
+    for row in test.values():
+        assert row["recall@20"] >= row["recall@10"] and 0 < row["item_coverage@20"] <= 1.0
+    # the ranker's lists hold 10 candidates: its top 20 are its top 10 (the -1 padding is not an item)
+    ranked = test["gnn+ranker"]
+    assert ranked["item_coverage@20"] == ranked["item_coverage@10"] and ranked["recall@20"] == ranked["recall@10"]
