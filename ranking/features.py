@@ -264,7 +264,14 @@ def _nan(size: int) -> np.ndarray:
 
 
 def _pair_values(m: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """(len(rows),) float64 ``m[rows[k], cols[k]]`` for CSR ``m`` (zeros where absent), vectorised."""
+    """(len(rows),) float64 ``m[rows[k], cols[k]]`` for CSR ``m`` (zeros where absent or where the row or column
+    is negative, e.g. the -1 padding of candidate lists), vectorised."""
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    valid = (rows >= 0) & (cols >= 0)
+    if not valid.all():  # row * ncols + (-1) would read the previous row's last column
+        out = np.zeros(len(rows), dtype=np.float64)
+        out[valid] = _pair_values(m, rows[valid], cols[valid])
+        return out
     m = m.tocsr()
     if not m.has_sorted_indices:
         m = m.sorted_indices()

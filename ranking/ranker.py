@@ -241,9 +241,9 @@ class TrainingSet:
 
     X: np.ndarray  # (n, F) float32
     y: np.ndarray  # (n,) int32 grades 0..4
-    group: np.ndarray  # (n_groups,) rows per group
+    group: np.ndarray  # (n_groups,) rows per group (the group's candidates that are not padding)
     user_index: np.ndarray  # (n_groups,) dense user index per group
-    candidates: np.ndarray  # (n_groups, C) dense item indices
+    candidates: np.ndarray  # (n_groups, C) dense item indices, -1 padding at the end of short lists
     names: tuple[str, ...]
 
 
@@ -278,7 +278,8 @@ def build_training_set(
 
     Args:
         builder: the feature builder (its context holds only the training interactions).
-        user_index: (n,) dense user indices; candidates: (n, C) dense item indices from retrieval.
+        user_index: (n,) dense user indices; candidates: (n, C) dense item indices from retrieval (-1 pads a user
+            with fewer than C unseen items; pads get no row).
         heldout_events: events after the training cut (``user_id``, ``item_id``, ``type``).
         drop_groups_without_positives: groups whose candidates hold no held-out item teach LambdaRank nothing.
     """
@@ -297,9 +298,12 @@ def build_training_set(
     user_index, candidates = user_index[keep], candidates[keep]
     y = y.reshape(-1, C)[keep].ravel()
     q = None if query_vectors is None or np.ndim(query_vectors) == 1 else np.asarray(query_vectors)[keep]
-    fm: FeatureMatrix = builder.build(user_index, candidates, q if q is not None else query_vectors)
+    real = candidates >= 0
+    fm: FeatureMatrix = builder.build(user_index, np.where(real, candidates, 0), q if q is not None else query_vectors)
+    rows = real.ravel()
     return TrainingSet(
-        X=fm.X, y=y, group=fm.group, user_index=user_index, candidates=candidates, names=fm.names
+        X=fm.X[rows], y=y[rows], group=real.sum(axis=1).astype(fm.group.dtype), user_index=user_index,
+        candidates=candidates, names=fm.names
     )
 
 

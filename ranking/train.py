@@ -70,11 +70,9 @@ def fit_ranker(
         "best_iteration": ranker.best_iteration_,
     }
     if len(valid.group):
-        C = valid.candidates.shape[1]
+        position = np.concatenate([np.arange(g) for g in valid.group]).astype(float)  # retrieval order
         report["valid_ndcg@20_ranker"] = ndcg_at_k(ranker.predict(valid.X), valid.y, valid.group, 20, ranker.label_gain)
-        report["valid_ndcg@20_retrieval"] = ndcg_at_k(
-            -np.tile(np.arange(C), len(valid.group)).astype(float), valid.y, valid.group, 20, ranker.label_gain
-        )
+        report["valid_ndcg@20_retrieval"] = ndcg_at_k(-position, valid.y, valid.group, 20, ranker.label_gain)
     ranker.metrics_.update(report)
     logger.info("re-ranker: %s", report)
     return ranker, report
@@ -105,8 +103,9 @@ def evaluate_reranking(
     rep = np.repeat(np.arange(n), C)
     y = _pair_values(grades, rep, candidates.ravel()).astype(np.int64)
     relevant = np.diff(grades.indptr)  # held-out items per user (inside or outside the candidates)
-    fm = builder.build(user_index, candidates)
+    fm = builder.build(user_index, np.maximum(candidates, 0))
     scores = ranker.predict(fm.X)
+    scores[candidates.ravel() < 0] = -np.inf  # -1 padding (fewer unseen items than C): never ranked, never a hit
     group = np.full(n, C)
     out: dict[str, Any] = {"users": int(n), "users_with_hit": int((y.reshape(n, C).max(axis=1) > 0).sum())}
     for name, s in (("retrieval", -np.tile(np.arange(C), n).astype(float)), ("reranked", scores)):

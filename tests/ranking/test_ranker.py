@@ -105,3 +105,31 @@ def test_fit_ranker_and_evaluation_table(trained):
     assert table["reranked"]["ndcg@10"] > table["retrieval"]["ndcg@10"]
     assert table["reranked"]["recall@20"] >= table["retrieval"]["recall@20"] * 0.9
     assert 0 <= table["retrieval"]["recall@10"] <= table["retrieval"]["recall@20"] <= 1
+
+
+def test_padded_candidates_get_no_training_row_and_no_label(trained):
+    # short candidate lists end in -1 padding: no feature row, no grade (a -1 column used to read the previous
+    # user's last item), and the re-ranking table never ranks a pad
+    import scipy.sparse as sp
+
+    from ranking.features import _pair_values
+    from ranking.ranker import build_training_set
+    from ranking.train import evaluate_reranking
+
+    g = sp.csr_matrix(np.array([[0, 0, 4], [1, 0, 0]], dtype=np.float32))
+    assert _pair_values(g, np.array([1, 1, 0]), np.array([-1, 0, 2])).tolist() == [0.0, 1.0, 4.0]
+    t = trained
+    users = np.arange(40)
+    cand = t.candidates[users].copy()
+    cand[::2, -5:] = -1  # every other user: 5 pads
+    full = build_training_set(t.builder, users, t.candidates[users], t.world.test_events,
+                              drop_groups_without_positives=False)
+    padded = build_training_set(t.builder, users, cand, t.world.test_events, drop_groups_without_positives=False)
+    C = cand.shape[1]
+    assert padded.group.tolist() == [C - 5 if u % 2 == 0 else C for u in range(40)]
+    assert len(padded.X) == len(padded.y) == padded.group.sum()
+    keep = (cand >= 0).ravel()
+    np.testing.assert_array_equal(padded.X, full.X[keep])
+    np.testing.assert_array_equal(padded.y, full.y[keep])
+    table = evaluate_reranking(t.ranker, t.builder, users, cand, t.world.test_events)
+    assert table["users"] == 40 and 0 <= table["reranked"]["recall@20"] <= 1
