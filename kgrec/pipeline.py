@@ -1519,9 +1519,14 @@ class Recommender:
         model = TrainedModel.load(root / "fusion")
         ranker = None
         if info.has("ranker"):
+            from ranking.features import FEATURE_NAMES
             from ranking.ranker import Ranker
 
             ranker = Ranker.load(root / "ranker")
+            if tuple(ranker.feature_names) != tuple(FEATURE_NAMES):
+                # serving builds FEATURE_NAMES columns: another order would be read as other features, silently
+                raise BundleError(f"{root / 'ranker'} was trained on features {list(ranker.feature_names)}; this "
+                                  f"version builds {list(FEATURE_NAMES)}; retrain it (`kgrec train`)")
         graph = json.loads((root / "graph" / "graph.json").read_text(encoding="utf-8"))
         if graph["backend"] == "embedded":
             from kg.embedded_store import EmbeddedStore

@@ -137,9 +137,16 @@ class Ranker:
         1 below a few thousand rows, else ``config.n_jobs``); the scores do not depend on it. A service running one
         process per core passes 1."""
         self._check()
-        X = np.asarray(X, dtype=np.float32)
+        X = self._features(X)
         threads = self._threads(len(X)) if num_threads is None else max(1, int(num_threads))
         return self.booster_.predict(X, num_iteration=self.best_iteration_, num_threads=threads)
+
+    def _features(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != len(self.feature_names):
+            raise ValueError(f"the ranker takes (n, {len(self.feature_names)}) features {list(self.feature_names)}; "
+                             f"got shape {X.shape}")
+        return X
 
     def _threads(self, n_rows: int) -> int:
         # One request's few hundred rows: thread start-up and contention cost more than the trees (per-user latency).
@@ -149,7 +156,7 @@ class Ranker:
         """(n, F + 1) float64 SHAP contributions (TreeSHAP, ``pred_contrib=True``): one column per feature plus
         the bias last; each row sums to ``predict(X)``."""
         self._check()
-        X = np.asarray(X, dtype=np.float32)
+        X = self._features(X)
         if len(X) == 0:  # LightGBM divides by the row count
             return np.zeros((0, len(self.feature_names) + 1), dtype=np.float64)
         return self.booster_.predict(

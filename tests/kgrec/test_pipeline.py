@@ -295,3 +295,19 @@ def test_fit_on_a_catalogue_smaller_than_k_with_few_candidates(tiny_encoders, tm
     # the ranker's lists hold 10 candidates: its top 20 are its top 10 (the -1 padding is not an item)
     ranked = test["gnn+ranker"]
     assert ranked["item_coverage@20"] == ranked["item_coverage@10"] and ranked["recall@20"] == ranked["recall@10"]
+
+
+def test_bundle_with_a_ranker_of_other_features_is_refused(fitted, tmp_path):
+    import copy
+
+    from ranking.features import FEATURE_NAMES
+    from ranking.ranker import Ranker
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(200, len(FEATURE_NAMES))), rng.integers(0, 2, 200)
+    rec = copy.copy(fitted)
+    rec.ranker = Ranker(fitted.config.ranking, tuple(reversed(FEATURE_NAMES))).fit(X, y, np.full(10, 20))
+    with pytest.raises(BundleError, match="was trained on features"):
+        Recommender.load(rec.save(tmp_path / "b"))
+    with pytest.raises(ValueError, match=r"takes \(n, \d+\) features"):
+        fitted.ranker.predict(X[:, :-1])
