@@ -438,10 +438,17 @@ def _attribute_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
 def _entity_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
     if v <= 0:
         return None
-    ents = ex.ctx.item_entity[i].indices
-    if len(ents) == 0:
+    ctx = ex.ctx
+    hist = ex._history_items(u)
+    hist = hist[hist != i]
+    ents = ctx.item_entity[i].indices
+    if len(hist) == 0 or len(ents) == 0:
         return None
-    return f"it is linked to *{ex.ctx.entity_ids[ents[0]]}* like items you bought"
+    # the entity the user's items share most (the item's first entity need not be shared at all)
+    shared = np.asarray(ctx.item_entity[hist][:, ents].sum(axis=0)).ravel()
+    if shared.max(initial=0) <= 0:
+        return None
+    return f"it is linked to *{ctx.entity_ids[ents[int(np.argmax(shared))]]}* like items you bought"
 
 
 def _also_bought_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:

@@ -145,3 +145,23 @@ def test_html_report_has_images_paths_and_chart(trained, explainer, tmp_path):
     svg = str(contribution_svg(exps[0], max_bars=5))
     assert svg.count("<rect") == 5
     assert "<script" not in render_report({"x": exps})
+
+
+def test_entity_phrase_names_an_entity_the_users_items_share(trained, explainer):
+    from ranking.explain import _entity_phrase
+
+    ctx = trained.ctx
+    checked = 0
+    for u in range(0, ctx.num_users, 3):
+        hist = [j for j in explainer._history_items(u)]
+        for i in range(ctx.num_items):
+            others = [j for j in hist if j != i]
+            shared = set(ctx.item_entity[i].indices) & set(ctx.item_entity[others].indices) if others else set()
+            phrase = _entity_phrase(explainer, 1.0, u, i)
+            if not shared:
+                assert phrase is None
+                continue
+            name = re.match(r"it is linked to \*(.+)\* like items you bought", phrase).group(1)
+            assert name in {ctx.entity_ids[e] for e in shared}
+            checked += 1
+    assert checked >= 20
