@@ -140,12 +140,28 @@ def file_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS says it (Linux), else by setting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file via a temporary sibling and ``os.replace``: readers see the old or the new file, never half."""
+    """Write a file via a temporary sibling and ``os.replace``: readers see the old or the new file, never half.
+    The file gets the mode ``open()`` would give it (mkstemp's is owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -161,10 +177,15 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def replace_directory(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written ``tmp_dir`` into ``final_dir``; an existing ``final_dir`` stays usable until the swap."""
+    """Move a fully written ``tmp_dir`` into ``final_dir``; an existing ``final_dir`` stays usable until the swap.
+    ``tmp_dir`` (from mkdtemp: owner-only) gets the mode ``mkdir`` would give it, so other accounts (a service, a
+    web server) read the result as they would any directory."""
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    os.chmod(tmp_dir, 0o777 & ~_umask())
     if final_dir.exists():
-        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        # a fresh empty name each time (rename replaces an empty directory): a leftover from an interrupted swap
+        # can never block later saves
+        old = Path(tempfile.mkdtemp(dir=final_dir.parent, prefix=f".{final_dir.name}.old-"))
         os.replace(final_dir, old)
         os.replace(tmp_dir, final_dir)
         shutil.rmtree(old, ignore_errors=True)

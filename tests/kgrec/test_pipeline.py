@@ -311,3 +311,21 @@ def test_bundle_with_a_ranker_of_other_features_is_refused(fitted, tmp_path):
         Recommender.load(rec.save(tmp_path / "b"))
     with pytest.raises(ValueError, match=r"takes \(n, \d+\) features"):
         fitted.ranker.predict(X[:, :-1])
+
+
+def test_saved_bundles_follow_the_umask_and_resave_cleanly(fitted, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = fitted.save(tmp_path / "b")
+        (tmp_path / f".b.old-{os.getpid()}" / "junk").mkdir(parents=True)  # left by an interrupted swap
+        path = fitted.save(tmp_path / "b")  # saved again over the first
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(path) == 0o755 and mode(path / "manifest.json") == 0o644
+    assert mode(path / "ranker" / "model.txt") == 0o644 and mode(path / "ranker" / "feature_spec.json") == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".b.old-{os.getpid()}", "b"]  # no other leftovers
+    assert Recommender.load(path).item_ids == fitted.item_ids
