@@ -207,7 +207,8 @@ class BodyLimit:
 
 
 def _recommend_many(rec: Any, explain: bool) -> Callable[[Sequence[tuple[str, int]]], list[Any]]:
-    """Batch function for (user, k) requests: unknown users get their own 404, the rest one ``recommend_batch``."""
+    """Batch function for (user, k) requests: unknown users get their own 404, the rest one ``recommend_batch``;
+    if that fails, each request is answered on its own, so one failing user never fails the others batched with it."""
 
     def run(items: Sequence[tuple[str, int]]) -> list[Any]:
         out: list[Any] = [None] * len(items)
@@ -221,7 +222,17 @@ def _recommend_many(rec: Any, explain: bool) -> Callable[[Sequence[tuple[str, in
                 except UnknownIdError as exc:
                     out[r] = exc
         if known:
-            batch = rec.recommend_batch([items[r][0] for r in known], [items[r][1] for r in known], explain=explain)
+            try:
+                batch = rec.recommend_batch([items[r][0] for r in known], [items[r][1] for r in known],
+                                            explain=explain)
+            except Exception:  # noqa: BLE001 - isolated below: the failing request gets its own error
+                logger.warning("a batch of %d /recommend requests failed; answering them one by one", len(known))
+                batch = []
+                for r in known:
+                    try:
+                        batch.append(rec.recommend(items[r][0], items[r][1], explain=explain))
+                    except Exception as exc:  # noqa: BLE001 - this request's own error status
+                        batch.append(exc)
             for r, recs in zip(known, batch):
                 out[r] = recs
         return out

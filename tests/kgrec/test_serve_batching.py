@@ -113,9 +113,10 @@ def test_query_vectors_are_cached_and_read_only(serve_recommender):
 
 
 # ---------------------------------------------------------------------------------------------------- HTTP
-def _concurrent_get(app, urls: list[str]) -> list[httpx.Response]:
+def _concurrent_get(app, urls: list[str], raise_app_exceptions: bool = True) -> list[httpx.Response]:
     async def run() -> list[httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return await asyncio.gather(*(client.get(u) for u in urls))
 
     return asyncio.run(run())
@@ -355,3 +356,33 @@ def test_freeze_loaded_objects_takes_them_out_of_the_collector():
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
+
+
+def test_one_failing_request_does_not_fail_the_others_in_its_batch(serve_recommender):
+    import copy
+
+    from kgrec.serve.app import create_app
+
+    rec = copy.copy(serve_recommender)
+    users = list(rec.user_ids[:6])
+    bad = users[2]
+    real_batch, real_one = rec.recommend_batch, rec.recommend
+
+    def recommend_batch(user_ids, k=10, explain=False):
+        if bad in user_ids:
+            raise RuntimeError("broken user")
+        return real_batch(user_ids, k, explain=explain)
+
+    def recommend(user_id, k=10, **kw):
+        if user_id == bad:
+            raise RuntimeError("broken user")
+        return real_one(user_id, k, **kw)
+
+    rec.recommend_batch, rec.recommend = recommend_batch, recommend
+    app = create_app(rec, SERVE, warmup=False)
+    responses = _concurrent_get(app, [f"/recommend?user={u}&k=3" for u in users], raise_app_exceptions=False)
+    assert [r.status_code for r in responses] == [200, 200, 500, 200, 200, 200]
+    for u, r in zip(users, responses):
+        if u != bad:
+            assert [x["item_id"] for x in r.json()["results"]] == [w.item_id for w in real_one(u, 3)]
+    assert app.state.batcher.batches < 6  # they were batched, and the batch fell back to one by one
