@@ -312,11 +312,14 @@ class TrainedModel:
         return similar_items(self.item_embeddings, item_idx, k)
 
     # ------------------------------------------------------------------ cold start
-    def item_vectors_from_content(self, text: np.ndarray | None = None, image: np.ndarray | None = None) -> np.ndarray:
+    def item_vectors_from_content(self, text: np.ndarray | None = None, image: np.ndarray | None = None,
+                                  image_present: np.ndarray | None = None) -> np.ndarray:
         """Vectors (n, dim) for items unseen in training, from content alone.
 
         Equals what the model computes for an item with no interactions or KG edges: the fused layer-0 vector
         (no ID embedding) divided by ``num_layers + 1`` (LightGCN's layer mean, where all propagated layers are 0).
+        ``image_present`` (n,) bool marks the rows of ``image`` that are real pictures, as in training: the others
+        (zero rows of items without an image) get no image weight.
         """
         if text is None and image is None:
             raise DataError("a cold-start item needs text or image vectors")
@@ -327,7 +330,7 @@ class TrainedModel:
         with torch.no_grad():
             t = None if text is None else torch.as_tensor(np.asarray(text, dtype=np.float32))
             i = None if image is None else torch.as_tensor(np.asarray(image, dtype=np.float32))
-            fused, _ = self.fusion(None, t, i)
+            fused, _ = self.fusion(None, t, i, present=content_present(t, i, image_present))
         return (fused / (self.num_layers + 1)).numpy().astype(np.float32)
 
     def user_vector_from_items(self, items: np.ndarray) -> np.ndarray:
@@ -419,6 +422,19 @@ class TrainedModel:
             hybrid_weight=meta["hybrid_weight"],
             ease_lambda=meta["ease_lambda"],
         )
+
+
+def content_present(text: Any, image: Any, image_present: np.ndarray | None) -> Any:
+    """(n, 3) bool ``present`` mask for the fusion layer on content alone (text, image, no graph), or None when
+    every given image row is a real picture."""
+    if image is None or image_present is None:
+        return None
+    n = image.shape[0]
+    present = torch.zeros(n, 3, dtype=torch.bool)
+    present[:, 0] = text is not None
+    # without a text tower an item with no picture keeps its (zero) image row: one modality must remain
+    present[:, 1] = torch.as_tensor(np.asarray(image_present, dtype=bool)) | (text is None)
+    return present
 
 
 def train_model(

@@ -1346,6 +1346,7 @@ class Recommender:
             content = self.model.item_vectors_from_content(
                 emb.text if emb.text.shape[1] and self.model.fusion.text_proj is not None else None,
                 emb.image if emb.image.shape[1] and self.model.fusion.image_proj is not None else None,
+                image_present=emb.has_image,
             )
             vecs = self._blend_with_kg_neighbours(new_items, content)
             _, weights = self._content_modality_weights(emb)
@@ -1395,8 +1396,10 @@ class Recommender:
         f = self.model.fusion
         t = torch.as_tensor(emb.text) if emb.text.shape[1] and f.text_proj is not None else None
         i = torch.as_tensor(emb.image) if emb.image.shape[1] and f.image_proj is not None else None
+        from fusion.train import content_present
+
         with torch.no_grad():
-            fused, weights = f(None, t, i)
+            fused, weights = f(None, t, i, present=content_present(t, i, emb.has_image))
         return fused, weights.numpy().astype(np.float32)
 
     def _blend_with_kg_neighbours(self, new_items: pd.DataFrame, content: np.ndarray) -> np.ndarray:

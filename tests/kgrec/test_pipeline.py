@@ -274,8 +274,11 @@ def test_update_with_new_items_without_image_or_brand(split_catalog, tiny_encode
     rec = Recommender.fit(base, cfg, progress=False, encoders=tiny_encoders)
     report = rec.update(bare)
     assert report["new_items"] == len(held)
-    vecs = rec.model.item_embeddings[[rec.item_pos[h] for h in held]]
+    new = [rec.item_pos[h] for h in held]
+    vecs = rec.model.item_embeddings[new]
     assert np.isfinite(vecs).all() and (np.linalg.norm(vecs, axis=1) > 0).all()
+    # no picture: all the weight on text, as in training (the zero image row took about half before)
+    np.testing.assert_allclose(rec.model.modality_weights[new], np.tile([1.0, 0.0, 0.0], (len(new), 1)), atol=1e-6)
 
 
 def test_fit_on_a_catalogue_smaller_than_k_with_few_candidates(tiny_encoders, tmp_path):
