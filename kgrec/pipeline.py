@@ -1357,10 +1357,12 @@ class Recommender:
         new_user_ids = sorted(set(new_events["user_id"].astype(str)) - set(self.user_pos))
         if new_user_ids:
             self._append_users(new_user_ids, new_events)
-        before = len(self.events)
-        self.events = pd.concat([self.events, new_events[self.events.columns.intersection(new_events.columns)]],
-                                ignore_index=True).drop_duplicates(ignore_index=True)
-        new_events = new_events.iloc[: len(self.events) - before]
+        # the delta's events not already known (anti-join on the columns both have; new rows need not come first)
+        cols = list(self.events.columns.intersection(new_events.columns))
+        delta = new_events[cols].drop_duplicates(ignore_index=True)
+        known = delta.merge(self.events[cols].drop_duplicates(), on=cols, how="left", indicator=True)["_merge"]
+        new_events = delta[(known == "left_only").to_numpy()]
+        self.events = pd.concat([self.events, new_events], ignore_index=True)
         self.hetero, self.id_maps = self.store.to_hetero_data()
         self._context = self._explainer = self._seen = self._aligned = None
         unseen_events = int((~new_events["item_id"].isin(self.item_ids[:n_old_items])

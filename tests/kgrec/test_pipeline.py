@@ -332,3 +332,24 @@ def test_saved_bundles_follow_the_umask_and_resave_cleanly(fitted, tmp_path):
     assert mode(path / "ranker" / "model.txt") == 0o644 and mode(path / "ranker" / "feature_spec.json") == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".b.old-{os.getpid()}", "b"]  # no other leftovers
     assert Recommender.load(path).item_ids == fitted.item_ids
+
+
+def test_update_counts_the_new_events_wherever_they_are_in_the_delta(demo_dataset, tiny_encoders, tmp_path):
+    import pandas as pd
+
+    from kgrec.data.schema import Dataset
+
+    cfg = Config.load(env={}, overrides={"fusion.epochs": 3, "fusion.dim": 16, "ranking.num_candidates": 50,
+                                          "encoders.cache_dir": str(tmp_path / "cache")})
+    rec = Recommender.fit(demo_dataset, cfg, progress=False, encoders=tiny_encoders)
+    ev = demo_dataset.events
+    old = ev.iloc[[0]]  # already known, listed first
+    new = ev.iloc[[1]].assign(user_id="zed")  # a new user's event
+    delta = Dataset.write(tmp_path / "delta", {
+        "items": demo_dataset.items.reset_index()[lambda d: d["item_id"].isin(set(old["item_id"]) | set(new["item_id"]))],
+        "users": pd.DataFrame({"user_id": [old["user_id"].iloc[0], "zed"]}),
+        "events": pd.concat([old, new], ignore_index=True)})
+    n_events = len(rec.events)
+    report = rec.update(delta)
+    assert (report["new_users"], report["new_events"], report["events_on_untrained_items_or_users"]) == (1, 1, 1)
+    assert len(rec.events) == n_events + 1
