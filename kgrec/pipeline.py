@@ -715,6 +715,11 @@ class Recommender:
             self._builder = FeatureBuilder(ctx)
         return self._builder
 
+    def _has_history(self, user_id: str) -> bool:
+        """A known user with at least one event (a user listed without events has an untrained vector)."""
+        u = self.user_pos.get(user_id)
+        return u is not None and self.seen.indptr[u + 1] > self.seen.indptr[u]
+
     def _user_index(self, user_id: str) -> int:
         if user_id not in self.user_pos:
             raise UnknownIdError(f"unknown user {user_id!r}: not in the training data; use search(text=...) "
@@ -750,14 +755,18 @@ class Recommender:
     def recommend(self, user_id: str | None, k: int = 10, query: str | None = None, explain: bool = False,
                   exclude_seen: bool = True) -> list[Recommendation]:
         """Top-``k`` items for a user: GNN candidates (plus query matches when ``query`` is given), re-ranked by
-        the LightGBM ranker, optionally explained. A user without history needs a ``query``."""
+        the LightGBM ranker, optionally explained. A user without history (unknown, or known without events)
+        needs a ``query``."""
         if k < 1:
             raise DataError(f"k must be at least 1, got {k}")
-        if user_id is None or (user_id not in self.user_pos and query):
+        if user_id is None or (query and not self._has_history(user_id)):
             if not query:
                 raise DataError("recommend needs a user id or a query")
             return self.search(text=query, k=k)
         u = self._user_index(user_id)
+        if not self._has_history(user_id):
+            raise DataError(f"user {user_id!r} has no events, so no trained vector: pass query=... or use "
+                            "search / similar")
         c = min(max(self.config.ranking.num_candidates, k), len(self.item_ids))
         exclude = self.seen if exclude_seen else None
         cand = self._candidates(np.array([u]), exclude, c)[0]
@@ -800,6 +809,9 @@ class Recommender:
         if any(x < 1 for x in ks):
             raise DataError(f"k must be at least 1, got {min(ks)}")
         users = np.array([self._user_index(u) for u in user_ids], dtype=np.int64)
+        for u in user_ids:
+            if not self._has_history(u):
+                raise DataError(f"user {u!r} has no events, so no trained vector: pass query=... to recommend")
         out: list[list[Recommendation] | None] = [None] * len(user_ids)
         if self.ranker is None or len(users) <= 1:
             return [self.recommend(u, kk, explain=explain) for u, kk in zip(user_ids, ks)]

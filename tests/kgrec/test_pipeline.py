@@ -70,8 +70,24 @@ def test_unknown_ids_are_clear_errors(fitted):
 
 
 def test_user_without_history_is_served_from_a_query(fitted):
+    import copy
+
+    import scipy.sparse as sp
+
     recs = fitted.recommend("brand-new-user", 4, query="red jacket")
     assert len(recs) == 4 and all(r.sources for r in recs)
+    # a user listed in users.parquet without events has an untrained vector: a clear error, or the query path
+    rec = copy.copy(fitted)
+    ghost = fitted.user_ids[0]
+    seen = fitted.seen.tolil()
+    seen[fitted.user_pos[ghost], :] = 0
+    rec._seen = sp.csr_matrix(seen)
+    with pytest.raises(DataError, match="has no events"):
+        rec.recommend(ghost, 4)
+    with pytest.raises(DataError, match="has no events"):
+        rec.recommend_batch([fitted.user_ids[1], ghost], 4)
+    assert [r.item_id for r in rec.recommend(ghost, 4, query="red jacket")] == [
+        r.item_id for r in fitted.search(text="red jacket", k=4)]
 
 
 def test_search_finds_items_by_their_own_title(fitted):
