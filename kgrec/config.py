@@ -118,6 +118,9 @@ class RankingConfig(_Section):
     n_jobs: int = 2
     explain_max_features: int = 4  # positive contributions cited per explanation
     explain_path_limit: int = 200  # paths read from the store per (user, item) before ranking them
+    # recommend(user, query=...): order by z(ranker score) + query_weight * z(query match) over the candidates (the
+    # ranker is trained without queries, so the query steers the list through this term)
+    query_weight: float = Field(default=1.0, ge=0.0)
 
 
 class ServeConfig(_Section):

@@ -74,6 +74,17 @@ class Recommendation:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _zscore(x: np.ndarray) -> np.ndarray:
+    """Standard scores of a list (0 where it has no spread; -inf / NaN count as the list's minimum)."""
+    x = np.asarray(x, dtype=np.float64)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return np.zeros(len(x))
+    x = np.where(finite, x, x[finite].min())
+    sd = x.std()
+    return (x - x.mean()) / sd if sd > 0 else np.zeros(len(x))
+
+
 def _index(ids: Sequence[str]) -> dict[str, int]:
     return {v: i for i, v in enumerate(ids)}
 
@@ -756,7 +767,9 @@ class Recommender:
                   exclude_seen: bool = True) -> list[Recommendation]:
         """Top-``k`` items for a user: GNN candidates (plus query matches when ``query`` is given), re-ranked by
         the LightGBM ranker, optionally explained. A user without history (unknown, or known without events)
-        needs a ``query``."""
+        needs a ``query``. With a query, the list is ordered by ``z(ranker score) + ranking.query_weight *
+        z(query match)`` over the candidates (z: per-list standard score); ``score`` is that sum and ``sources``
+        holds its two parts (``ranker``, ``query``); an explanation explains the ranker part."""
         if k < 1:
             raise DataError(f"k must be at least 1, got {k}")
         if user_id is None or (query and not self._has_history(user_id)):
@@ -788,8 +801,14 @@ class Recommender:
             fm = self.feature_builder.build(np.array([u]), cand.reshape(1, -1), qvec)
             X = fm.X
             scores = self.ranker.predict(X)
+        parts: dict[str, np.ndarray] = {}
+        if query:
+            match = qscores[cand]
+            parts = {"ranker": scores, "query": match}
+            scores = _zscore(scores) + self.config.ranking.query_weight * _zscore(match)
         order = np.argsort(-scores, kind="stable")[:k]
-        out = [self._result(int(cand[j]), scores[j], r + 1) for r, j in enumerate(order)]
+        out = [self._result(int(cand[j]), scores[j], r + 1, sources={n: float(v[j]) for n, v in parts.items()})
+               for r, j in enumerate(order)]
         if explain and self.ranker is not None:
             exps = self.explainer.explain_rows(u, cand[order], X[order])
             for rec, e in zip(out, exps):

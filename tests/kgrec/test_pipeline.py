@@ -369,3 +369,24 @@ def test_update_counts_the_new_events_wherever_they_are_in_the_delta(demo_datase
     report = rec.update(delta)
     assert (report["new_users"], report["new_events"], report["events_on_untrained_items_or_users"]) == (1, 1, 1)
     assert len(rec.events) == n_events + 1
+
+
+def test_a_query_steers_a_known_users_list(fitted):
+    user = fitted.events["user_id"].value_counts().index[0]
+    plain = fitted.recommend(user, 10)
+    steered = fitted.recommend(user, 10, query="red leather boots")
+    match, _ = fitted._search_scores(text="red leather boots")
+    mean_match = lambda recs: np.mean([match[fitted.item_pos[r.item_id]] for r in recs])  # noqa: E731
+    assert [r.item_id for r in steered] != [r.item_id for r in plain]
+    assert mean_match(steered) > mean_match(plain)
+    assert all(set(r.sources) == {"ranker", "query"} for r in steered)
+    assert [r.score for r in steered] == sorted((r.score for r in steered), reverse=True)
+    # query_weight 0: the ranker's order over the same candidates
+    import copy
+
+    rec = copy.copy(fitted)
+    rec.config = fitted.config.model_copy(deep=True)
+    rec.config.ranking.query_weight = 0.0
+    zero = rec.recommend(user, 10, query="red leather boots")
+    ranker_only = [r.sources["ranker"] for r in zero]
+    assert ranker_only == sorted(ranker_only, reverse=True)
