@@ -91,8 +91,11 @@ def recommend(
     results = rec.recommend(user, k, query=query, explain=explain_ or html is not None)
     _print_results(results, as_json)
     if html is not None:
-        write_html(rec, {user: results}, html)
-        typer.echo(f"wrote {html}")
+        if write_html(rec, {user: results}, html, query=query) is None:
+            typer.echo(f"no HTML report: {user!r} has no history, so these results come from the query alone "
+                       "and there is nothing to explain")
+        else:
+            typer.echo(f"wrote {html}")
 
 
 @clean_errors
@@ -168,11 +171,16 @@ def update(
                     fg=typer.colors.YELLOW)
 
 
-def write_html(rec: Any, results: dict[str, list[Any]], path: Path, title: str = "Explained recommendations") -> Path:
-    """HTML report (images, KG paths, contribution charts) for explained results of several users."""
+def write_html(rec: Any, results: dict[str, list[Any]], path: Path, title: str = "Explained recommendations",
+               query: str | None = None) -> Path | None:
+    """HTML report (images, KG paths, contribution charts) for explained results of several users. Users without
+    history (served from the query alone) have nothing to explain and are left out; None when none is left."""
     from ranking.report import write_report
 
-    exps = {u: [rec.explain(u, r.item_id) for r in rs] for u, rs in results.items()}
+    exps = {u: [rec.explain(u, r.item_id, query=query) for r in rs]
+            for u, rs in results.items() if rec._has_history(u)}
+    if not exps:
+        return None
     return write_report(path, exps, image_root=rec.dataset_root, title=title)
 
 

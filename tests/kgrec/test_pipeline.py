@@ -390,3 +390,15 @@ def test_a_query_steers_a_known_users_list(fitted):
     zero = rec.recommend(user, 10, query="red leather boots")
     ranker_only = [r.sources["ranker"] for r in zero]
     assert ranker_only == sorted(ranker_only, reverse=True)
+
+
+def test_html_report_for_query_results_and_cold_users(fitted, tmp_path):
+    from kgrec.commands.model import write_html
+
+    cold = fitted.recommend("nobody", 3, query="red jacket")
+    assert write_html(fitted, {"nobody": cold}, tmp_path / "cold.html") is None and not (tmp_path / "cold.html").exists()
+    user = fitted.events["user_id"].value_counts().index[0]
+    recs = fitted.recommend(user, 3, query="red jacket")
+    path = write_html(fitted, {user: recs, "nobody": cold}, tmp_path / "r.html", query="red jacket")
+    html = path.read_text(encoding="utf-8")
+    assert all(r.item_id in html for r in recs) and "nobody" not in html
