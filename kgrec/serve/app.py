@@ -141,6 +141,9 @@ def _cell(v: Any) -> Any:
     return _finite(v)
 
 
+IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "image/tiff"})
+
+
 def _image_url(item_id: str, image: str | None) -> str | None:
     from urllib.parse import quote
 
@@ -394,15 +397,8 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         row = rec.items.loc[item_id]
         return row.iloc[0] if isinstance(row, pd.DataFrame) else row
 
-    @app.get("/items/{item_id}", responses=ERRORS, tags=["catalog"])
-    def item(item_id: str) -> dict[str, Any]:
-        """The catalog record of one item (title, description, brand, category, attributes, price, image)."""
-        row = _item_row(item_id)
-        out = {str(c): _cell(row[c]) for c in row.index}
-        out["image_url"] = _image_url(item_id, out.get("image"))
-        return out
-
-    @app.get("/items/{item_id}/image", tags=["catalog"], response_class=FileResponse,
+    # ":path": ids may hold "/" (the image route first, so ".../image" is the image of that id)
+    @app.get("/items/{item_id:path}/image", tags=["catalog"], response_class=FileResponse,
              responses={200: {"content": {"image/*": {}}, "description": "the image file"},
                         404: {"model": ErrorBody, "description": "unknown item or no image"}})
     def item_image(item_id: str) -> FileResponse:
@@ -419,8 +415,20 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
             raise UnknownIdError(f"item {item_id!r} has no image inside the dataset")
         if not path.is_file():
             raise UnknownIdError(f"the image of item {item_id!r} is missing from the dataset ({image})")
-        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
+        media = mimetypes.guess_type(path.name)[0]
+        if media not in IMAGE_TYPES:  # only pictures: never a table, a manifest or an active type (svg, html)
+            logger.warning("item %r image %r is not a picture file (%s); refused", item_id, image, media)
+            raise UnknownIdError(f"item {item_id!r} has no image file of a picture type")
+        return FileResponse(path, media_type=media, headers={"Cache-Control": "public, max-age=3600",
+                                                             "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/items/{item_id:path}", responses=ERRORS, tags=["catalog"])
+    def item(item_id: str) -> dict[str, Any]:
+        """The catalog record of one item (title, description, brand, category, attributes, price, image)."""
+        row = _item_row(item_id)
+        out = {str(c): _cell(row[c]) for c in row.index}
+        out["image_url"] = _image_url(item_id, out.get("image"))
+        return out
 
     # ------------------------------------------------------------------------------------------ the page
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

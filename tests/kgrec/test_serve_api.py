@@ -266,3 +266,28 @@ def test_serve_command_reports_a_missing_bundle(tmp_path):
     result = CliRunner().invoke(app, ["serve", "--bundle", str(tmp_path / "missing")])
     assert result.exit_code == 2
     assert "missing" in result.output
+
+
+def test_item_ids_with_a_slash_and_only_picture_files_are_served(serve_recommender):
+    import copy
+
+    import pandas as pd
+
+    from kgrec.serve.app import create_app
+
+    rec = copy.copy(serve_recommender)
+    first = rec.item_ids[0]
+    row = rec.items.loc[[first]]
+    extra = pd.concat([row.rename(index={first: "cat/123"}),
+                       row.rename(index={first: "leaky"}).assign(image="manifest.json")])
+    rec.items = pd.concat([rec.items, extra])
+    rec.item_pos = dict(rec.item_pos, **{"cat/123": rec.item_pos[first], "leaky": rec.item_pos[first]})
+    with TestClient(create_app(rec, SERVE, warmup=False), raise_server_exceptions=False) as c:
+        r = c.get("/items/cat%2F123")
+        assert r.status_code == 200 and r.json()["title"] == row["title"].iloc[0]
+        assert r.json()["image_url"] == "/items/cat%2F123/image"
+        img = c.get(r.json()["image_url"])
+        assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+        assert img.headers["x-content-type-options"] == "nosniff"
+        assert c.get("/items/leaky/image").status_code == 404  # a dataset file that is not a picture
+        assert c.get(f"/items/{first}").status_code == 200 and c.get(f"/items/{first}/image").status_code == 200
