@@ -1,8 +1,10 @@
 """Train/valid/test splits of interaction index arrays (plain arrays in, boolean masks or arrays out).
 
 Every function returns a ``split`` array of the same length as the interactions with values 0 (train), 1 (valid),
-2 (test). ``random_split`` follows RecBole's ``RS: [0.8, 0.1, 0.1], group_by: user``: per user with ``n``
-interactions, ``valid = test = int(0.1 * n)`` taken from a seeded shuffle, train gets the rest.
+2 (test). ``random_split`` is RecBole's ``RS: [0.8, 0.1, 0.1], group_by: user`` without its small-user rule: per
+user with ``n`` interactions, ``valid = test = int(0.1 * n)`` taken from a seeded shuffle, train gets the rest, so
+users with fewer than 10 interactions stay in train only (RecBole >= 1.0 moves one interaction each into valid and
+test when ``0 < 0.1 * n < 1``; for n >= 10 the counts are the same). ``temporal_split`` has the same rule.
 """
 from __future__ import annotations
 

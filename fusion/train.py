@@ -6,7 +6,7 @@ graph once (LightGCN's way, sparse, scales to millions of edges on CPU), then
   * ``loss="bpr"``: ``-log sigmoid(s(u,i) - s(u,j))`` with ``num_negatives`` uniform negatives ``j`` per positive;
   * ``loss="softmax"``: cross-entropy of the positive against ``num_negatives`` uniform negatives shared by the
     batch, logits divided by ``temperature``;
-plus ``weight_decay * (|e_u|^2 + |e_i|^2 + |e_j|^2) / batch`` on the layer-0 vectors of the batch. After each epoch
+plus ``weight_decay * (|e_u|^2 + |e_i|^2 + |e_j|^2) / (2 * batch)`` on the layer-0 vectors of the batch. After each epoch
 the model is evaluated on the validation split (train items masked); the best NDCG@20 state (``>=`` counts, as in
 RecBole) is kept and training stops after ``patience`` epochs without improvement.
 """

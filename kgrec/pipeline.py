@@ -2,10 +2,11 @@
 
 ``Recommender.fit(dataset, config)`` does, in order:
 
-1. **split** the events into train / valid / test (the dataset's own ``split.parquet`` when it has one, else a
-   per-user temporal split of the (user, item) pairs by first interaction, 80/10/10);
-2. **graph**: load the whole dataset into the configured ``GraphStore`` (embedded by default, Neo4j with
+1. **graph**: load the whole dataset into the configured ``GraphStore`` (embedded by default, Neo4j with
    ``kg.backend: neo4j``) and export it to ``HeteroData``;
+2. **split** the events into train / valid / test (the dataset's own ``split.parquet`` when it has one, else a
+   per-user temporal split of the (user, item) pairs by first interaction, 80/10/10); the GNN's graph gets its
+   interaction-derived edges (ALSO_BOUGHT) rebuilt from the train events (``training_graph``);
 3. **encode** every item (BERT text, CLIP image and CLIP text; cached by content hash);
 4. **GNN + fusion** on the train pairs and the KG relations, early-stopped on valid NDCG@20;
 5. **ranker**: LightGBM LambdaRank on the GNN's top candidates of each user, labelled by the user's valid events

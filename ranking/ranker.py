@@ -324,8 +324,8 @@ def top_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k items by dot product for each user vector: ((n, k) indices, (n, k) scores), best first.
 
-    ``exclude``: optional (n, I) sparse matrix; its non-zeros are never returned (e.g. already-bought items).
-    A stand-in for the fusion stage's retrieval when only arrays are at hand (tests, benchmarks).
+    ``exclude``: optional (n, I) sparse matrix; its non-zeros get score -inf and come last (returned only when a
+    row has fewer than k other items). A stand-in for the fusion stage's retrieval when only arrays are at hand (tests, benchmarks).
     """
     user_vectors = np.atleast_2d(np.asarray(user_vectors, dtype=np.float32))
     n, I = len(user_vectors), len(item_vectors)
