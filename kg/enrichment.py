@@ -37,7 +37,8 @@ def plan_enrichment(records: Iterable[dict[str, Any]], provenance: dict[str, Any
     run_id = provenance.get("run_id")
     if not run_id or not isinstance(run_id, str):
         raise GraphStoreError("enrichment provenance needs a non-empty string 'run_id'")
-    model_ids = [str(m) for m in provenance.get("model_ids", [])]
+    raw_ids = provenance.get("model_ids", [])
+    model_ids = [raw_ids] if isinstance(raw_ids, str) else [str(m) for m in raw_ids]  # "clip" is one id
     created = str(provenance.get("created") or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
     base = {"source": ENRICHMENT_SOURCE, "run_id": run_id, "model_ids": model_ids, "created": created}
     plan = EnrichmentPlan()
@@ -48,6 +49,9 @@ def plan_enrichment(records: Iterable[dict[str, Any]], provenance: dict[str, Any
             confidence = float(rec.get("confidence", 1.0))
         except (TypeError, ValueError) as exc:
             raise GraphStoreError(f"enrichment record {n}: confidence {rec.get('confidence')!r} is not a number") from exc
+        if not -1e-6 <= confidence <= 1.0 + 1e-6:  # NaN fails too (it would become a NaN edge_weight)
+            raise GraphStoreError(f"enrichment record {n}: confidence {confidence!r} is not in [0, 1]")
+        confidence = min(max(confidence, 0.0), 1.0)  # float rounding of a cosine
         if kind == "attribute":
             try:
                 item_id, name, value = str(rec["item_id"]), str(rec["name"]), str(rec["value"])

@@ -170,6 +170,10 @@ def test_enrichment_write_back(store, small_dataset):
         store.write_enrichment(records, {})
     with pytest.raises(GraphStoreError, match="not one of"):
         store.write_enrichment([{"kind": "relation", "type": "PURCHASED", "src": "I1", "dst": "I2"}], prov)
+    for bad in (float("nan"), 1.5, -0.2):
+        with pytest.raises(GraphStoreError, match=r"not in \[0, 1\]"):
+            store.write_enrichment([{**records[5], "confidence": bad}], prov)
+    assert store.counts() == c
 
 
 def test_train_events_replace_dataset_events(store, small_dataset):

@@ -243,3 +243,12 @@ def test_complements_are_cross_category_co_purchases():
     assert ab["confidence"] == pytest.approx(2 / 3, abs=1e-4)  # 2 / sqrt(3 * 3)
     assert ab["lift"] == pytest.approx(2 * 4 / 9, abs=1e-3)  # 4 buyers in all
     assert complement_pairs(ev, cats, min_users=3).empty
+
+
+def test_provenance_model_ids_given_as_one_string_is_one_id():
+    from kg.enrichment import plan_enrichment
+
+    plan = plan_enrichment([{"kind": "relation", "type": "SIMILAR_TO", "src": "a", "dst": "b", "confidence": 1.0000001}],
+                           {"run_id": "r1", "model_ids": "clip"})
+    props = [row["props"] for rows in plan.relations.values() for row in rows]
+    assert props and all(p["model_ids"] == ["clip"] and p["confidence"] == 1.0 for p in props)
