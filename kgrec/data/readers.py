@@ -478,10 +478,54 @@ def _set(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.T
     return table.append_column(name, values)
 
 
-def _attrs_from_columns(table: pa.Table, columns: list[str], prefix: str = "") -> pa.Array:
+def _reject_rows(raw: RawTable, table: pa.Table, messages: dict[int, str]) -> pa.Table:
+    """``table`` without the rows in ``messages`` (row -> reason text), which join ``raw.rejected`` as malformed."""
+    if not messages:
+        return table
+    files, lines = table.column(FILE_COL).to_pylist(), table.column(LINE_COL).to_pylist()
+    for r, msg in sorted(messages.items()):
+        raw.rejected.append(_reject(files[r], lines[r], "malformed_row", f"{files[r]} line {lines[r]}: {msg}",
+                                    {k: v for k, v in table.slice(r, 1).to_pylist()[0].items()
+                                     if k not in (FILE_COL, LINE_COL)}))
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[list(messages)] = False
+    return table.filter(pa.array(keep))
+
+
+def _merge_attrs(row: tuple[Any, ...], names: list[str]) -> tuple[str | None, str | None]:
+    """(JSON text, conflict message or None) of one row: its ``attributes`` JSON (``row[0]``) plus the columns."""
+    merged: dict[str, Any] = {}
+    b = row[0]
+    if b not in (None, ""):
+        try:
+            obj = json.loads(b)
+        except json.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):  # malformed: passed through for validation to quarantine
+            return b, None
+        merged.update(obj)
+    lower = {str(k).strip().lower(): k for k in merged}
+    conflict = None
+    for name, v in zip(names, row[1:]):
+        if v is None or v.strip() == "":
+            continue
+        other = lower.get(name.strip().lower())
+        if other is not None:
+            if conflict is None and str(merged[other]).strip() != v.strip():
+                conflict = (f"attribute {name!r} is {v!r} in its column but {merged[other]!r} in the attributes "
+                            "JSON; keep one")
+            merged.pop(other)
+        merged[name] = v
+    return (json.dumps(merged, ensure_ascii=False, sort_keys=True) if merged else None), conflict
+
+
+def _attrs_from_columns(table: pa.Table, columns: list[str], prefix: str = "",
+                        conflicts: dict[int, str] | None = None) -> pa.Array:
     """JSON object text per row from the given columns (names without ``prefix``); merges an ``attributes`` column.
 
     Empty cells are left out. A malformed ``attributes`` JSON is passed through unchanged (validation quarantines it).
+    A row whose ``attributes`` JSON names the same attribute as a column (same name in lower case) with another
+    value is recorded in ``conflicts`` (row -> message) for the caller to reject.
     """
     base = table.column("attributes").to_pylist() if "attributes" in table.column_names else [None] * table.num_rows
     if not columns:
@@ -489,31 +533,17 @@ def _attrs_from_columns(table: pa.Table, columns: list[str], prefix: str = "") -
     vals = [table.column(c).cast(pa.string()).to_pylist() for c in columns]
     names = [c[len(prefix):] for c in columns]
     out: list[str | None] = []
-    cache: dict[tuple[Any, ...], str | None] = {}  # attribute columns are usually low-cardinality combinations
+    # attribute columns are usually low-cardinality combinations: row values -> (JSON text, conflict or None)
+    cache: dict[tuple[Any, ...], tuple[str | None, str | None]] = {}
     for row in zip(base, *vals):
         hit = cache.get(row)
-        if hit is not None or row in cache:
-            out.append(hit)
-            continue
-        merged: dict[str, Any] = {}
-        b = row[0]
-        if b not in (None, ""):
-            try:
-                obj = json.loads(b)
-            except json.JSONDecodeError:
-                obj = None
-            if not isinstance(obj, dict):  # malformed: passed through for validation to quarantine
-                cache[row] = b
-                out.append(b)
-                continue
-            merged.update(obj)
-        for name, v in zip(names, row[1:]):
-            if v is not None and v.strip() != "":
-                merged[name] = v
-        text = json.dumps(merged, ensure_ascii=False, sort_keys=True) if merged else None
-        if len(cache) < 1_000_000:
-            cache[row] = text
-        out.append(text)
+        if hit is None:
+            hit = _merge_attrs(row, names)
+            if len(cache) < 1_000_000:
+                cache[row] = hit
+        if hit[1] is not None and conflicts is not None:
+            conflicts[len(out)] = hit[1]
+        out.append(hit[0])
     return pa.array(out, pa.string())
 
 
@@ -535,7 +565,9 @@ def read_native(root: Path) -> RawSource:
         if name == "items":
             attr_cols = [c for c in t.column_names if c.startswith("attr_")]
             if attr_cols:
-                t = _set(t, "attributes", _attrs_from_columns(t, attr_cols, prefix="attr_")).drop_columns(attr_cols)
+                conflicts: dict[int, str] = {}
+                t = _set(t, "attributes", _attrs_from_columns(t, attr_cols, prefix="attr_", conflicts=conflicts))
+                t = _reject_rows(raw, t, conflicts).drop_columns(attr_cols)
             extra = [c for c in t.column_names if c not in ITEM_COLUMNS and c not in (FILE_COL, LINE_COL)]
             if extra:
                 notes.append(f"{path.name}: ignored columns {extra} (name item attributes attr_<name>)")
@@ -543,7 +575,9 @@ def read_native(root: Path) -> RawSource:
             raw.required = ("item_id", "title")
         elif name == "users":
             extra = [c for c in t.column_names if c not in ("user_id", "attributes", FILE_COL, LINE_COL)]
-            t = _set(t, "attributes", _attrs_from_columns(t, extra)).drop_columns(extra)
+            conflicts = {}
+            t = _set(t, "attributes", _attrs_from_columns(t, extra, conflicts=conflicts))
+            t = _reject_rows(raw, t, conflicts).drop_columns(extra)
             raw.required = ("user_id",)
         elif name == "events":
             raw.required = ("user_id", "item_id", "type") + (("timestamp",) if "timestamp" in t.column_names else ())

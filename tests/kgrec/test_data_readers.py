@@ -219,3 +219,20 @@ def test_keys_or_columns_equal_in_lower_case_in_one_row_are_refused(tmp_path):
     pq.write_table(pa.table({"item_id": ["A"], "Title": ["x"], "title": ["y"]}), tmp_path / "items.parquet")
     with pytest.raises(DataError, match=r"columns \['Title', 'title'\] are the same name in lower case"):
         read_parquet(tmp_path / "items.parquet")
+
+
+def test_attr_column_and_attributes_json_disagreeing_reject_the_row(tmp_path):
+    (tmp_path / "items.csv").write_text(
+        'item_id,title,attributes,attr_colour\n'
+        'A,a,"{""Colour"": ""red""}",blue\n'      # disagree: rejected with its line
+        'B,b,"{""colour"": ""red""}",red\n'       # agree: one value
+        'C,c,"{""size"": ""XL""}",green\n'        # different names: merged
+        'D,d,"{""Colour"": ""red""}",blue\n')     # same values as A (cached): rejected too
+    report = ingest(tmp_path, tmp_path / "ds")
+    ds = Dataset.open(tmp_path / "ds")
+    assert {it.item_id: it.attributes for it in ds.iter_items()} == {
+        "B": {"colour": "red"}, "C": {"colour": "green", "size": "XL"}}
+    q = pq.read_table(tmp_path / "ds" / "quarantine" / "items.parquet").to_pylist()
+    assert [(r["line"], r["reason"]) for r in q] == [(2, "malformed_row"), (5, "malformed_row")]
+    assert "'colour' is 'blue' in its column but 'red' in the attributes JSON" in q[0]["message"]
+    assert report.tables["items"].read == 4 and report.tables["items"].quarantined == 2
