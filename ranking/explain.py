@@ -417,20 +417,25 @@ def _category_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
     return f"you often shop in *{leaf}*" if n >= 2 else f"you bought in *{leaf}* before"
 
 
+def _shared_with_history(ex: Explainer, u: int, i: int, incidence: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Item ``i``'s nodes in ``incidence`` (item x node CSR: attributes, entities) and, for each, how many of the
+    user's other history items have it too (both empty when there is nothing to compare)."""
+    hist = ex._history_items(u)
+    hist = hist[hist != i]
+    mine = incidence[i].indices
+    if len(hist) == 0 or len(mine) == 0:
+        return mine[:0], np.zeros(0)
+    return mine, np.asarray(incidence[hist][:, mine].sum(axis=0)).ravel()
+
+
 def _attribute_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
     if v <= 0:
         return None
-    ctx = ex.ctx
-    hist = ex._history_items(u)
-    hist = hist[hist != i]
-    mine = ctx.item_attribute[i].indices
-    if len(hist) == 0 or len(mine) == 0:
-        return None
-    shared = np.asarray(ctx.item_attribute[hist][:, mine].sum(axis=0)).ravel()
+    mine, shared = _shared_with_history(ex, u, i, ex.ctx.item_attribute)
     if shared.max(initial=0) <= 0:
         return None
     order = np.argsort(-shared, kind="stable")
-    vals = [ctx.attribute_ids[mine[k]] for k in order[:2] if shared[k] > 0]
+    vals = [ex.ctx.attribute_ids[mine[k]] for k in order[:2] if shared[k] > 0]
     text = " and ".join("*" + a.replace("=", ": ", 1) + "*" for a in vals)
     return f"it shares {text} with items you bought"
 
@@ -438,17 +443,11 @@ def _attribute_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
 def _entity_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
     if v <= 0:
         return None
-    ctx = ex.ctx
-    hist = ex._history_items(u)
-    hist = hist[hist != i]
-    ents = ctx.item_entity[i].indices
-    if len(hist) == 0 or len(ents) == 0:
-        return None
     # the entity the user's items share most (the item's first entity need not be shared at all)
-    shared = np.asarray(ctx.item_entity[hist][:, ents].sum(axis=0)).ravel()
+    ents, shared = _shared_with_history(ex, u, i, ex.ctx.item_entity)
     if shared.max(initial=0) <= 0:
         return None
-    return f"it is linked to *{ctx.entity_ids[ents[int(np.argmax(shared))]]}* like items you bought"
+    return f"it is linked to *{ex.ctx.entity_ids[ents[int(np.argmax(shared))]]}* like items you bought"
 
 
 def _also_bought_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
