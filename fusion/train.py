@@ -12,6 +12,7 @@ RecBole) is kept and training stops after ``patience`` epochs without improvemen
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -20,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -121,7 +122,45 @@ def fit_embeddings(
     same seeded generator and takes its contiguous shard of each global batch (``torch.tensor_split``), its loss
     scaled by ``shard / batch * world_size`` so that DDP's gradient average equals the single-process batch gradient;
     early stopping is decided on rank 0 and broadcast. With one process the two paths are the same computation.
+
+    ``cfg.deterministic`` (default on) runs it under ``torch.use_deterministic_algorithms``: the scatter-adds of
+    the propagation otherwise sum in thread-timing order, so two runs on 2 threads differed at ~1e-9, enough to flip
+    the re-ranker's early stopping downstream (measured); the setting is restored afterwards.
     """
+    with deterministic_torch(cfg.deterministic):
+        return _fit_embeddings(model, num_users, num_items, train_users, train_items, cfg, valid=valid,
+                               forward_kwargs=forward_kwargs, device=device, progress=progress,
+                               distributed=distributed)
+
+
+@contextlib.contextmanager
+def deterministic_torch(enabled: bool = True) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside (warnings, not errors, for ops without a deterministic
+    kernel), the previous setting restored after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+
+
+def _fit_embeddings(
+    model: nn.Module,
+    num_users: int,
+    num_items: int,
+    train_users: np.ndarray,
+    train_items: np.ndarray,
+    cfg: FusionConfig,
+    *,
+    valid: sp.csr_matrix | None = None,
+    forward_kwargs: Callable[[bool], dict[str, Any]] | None = None,
+    device: torch.device | None = None,
+    progress: bool = False,
+    distributed: bool = False,
+) -> list[EpochRecord]:
     if distributed:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -470,63 +509,65 @@ def train_model(
             with ``add_ease_term`` if wanted.
     """
     cfg = config or FusionConfig()
-    if cfg.trainer == "scale" and not distributed:
-        return train_scale_as_trained_model(
-            num_users, num_items, train_users, train_items, graph=graph, text=text, image=image,
-            image_present=image_present, valid=valid, config=cfg, progress=progress)
-    device = device or (torch.device("cpu") if distributed else resolve_device(cfg.device))
-    seed_everything(cfg.seed)
-    text = text if (cfg.use_text and text is not None) else None
-    image = image if (cfg.use_image and image is not None) else None
-    for name, arr in (("text", text), ("image", image)):
-        if arr is not None and arr.shape[0] != num_items:
-            raise DataError(f"{name} vectors have {arr.shape[0]} rows but there are {num_items} items")
-    rg = build_relational_graph(num_users, num_items, train_users, train_items, graph, use_kg=cfg.use_kg,
-                                prune_leaves=cfg.prune_kg_leaves).to(device)
-    model = KGFusionGNN(
-        rg, cfg.dim, cfg.num_layers,
-        0 if text is None else text.shape[1], 0 if image is None else image.shape[1],
-    ).to(device)
-    t_text = None if text is None else torch.as_tensor(np.asarray(text, dtype=np.float32), device=device)
-    t_image = None if image is None else torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)
-    present = torch.ones(num_items, 3, dtype=torch.bool, device=device)
-    if image_present is not None:
-        present[:, 1] = torch.as_tensor(np.asarray(image_present, dtype=bool), device=device)
-    has_content = t_text is not None or t_image is not None
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+    with deterministic_torch(cfg.deterministic):  # same result every run (fit_embeddings)
+        if cfg.trainer == "scale" and not distributed:
+            return train_scale_as_trained_model(
+                num_users, num_items, train_users, train_items, graph=graph, text=text, image=image,
+                image_present=image_present, valid=valid, config=cfg, progress=progress)
+        device = device or (torch.device("cpu") if distributed else resolve_device(cfg.device))
+        seed_everything(cfg.seed)
+        text = text if (cfg.use_text and text is not None) else None
+        image = image if (cfg.use_image and image is not None) else None
+        for name, arr in (("text", text), ("image", image)):
+            if arr is not None and arr.shape[0] != num_items:
+                raise DataError(f"{name} vectors have {arr.shape[0]} rows but there are {num_items} items")
+        rg = build_relational_graph(num_users, num_items, train_users, train_items, graph, use_kg=cfg.use_kg,
+                                    prune_leaves=cfg.prune_kg_leaves).to(device)
+        model = KGFusionGNN(
+            rg, cfg.dim, cfg.num_layers,
+            0 if text is None else text.shape[1], 0 if image is None else image.shape[1],
+        ).to(device)
+        t_text = None if text is None else torch.as_tensor(np.asarray(text, dtype=np.float32), device=device)
+        t_image = None if image is None else torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)
+        present = torch.ones(num_items, 3, dtype=torch.bool, device=device)
+        if image_present is not None:
+            present[:, 1] = torch.as_tensor(np.asarray(image_present, dtype=bool), device=device)
+        has_content = t_text is not None or t_image is not None
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
 
-    if has_content and cfg.id_dropout >= 1.0:  # content-only items: no ID modality at training or inference
-        present[:, 2] = False
+        if has_content and cfg.id_dropout >= 1.0:  # content-only items: no ID modality at training or inference
+            present[:, 2] = False
 
-    def forward_kwargs(training: bool) -> dict[str, Any]:
-        p = present
-        if training and has_content and 0 < cfg.id_dropout < 1:
-            p = present.clone()
-            p[:, 2] = torch.rand(num_items, generator=gen).to(device) >= cfg.id_dropout
-        return {"text": t_text, "image": t_image, "present": p}
+        def forward_kwargs(training: bool) -> dict[str, Any]:
+            p = present
+            if training and has_content and 0 < cfg.id_dropout < 1:
+                p = present.clone()
+                p[:, 2] = torch.rand(num_items, generator=gen).to(device) >= cfg.id_dropout
+            return {"text": t_text, "image": t_image, "present": p}
 
-    valid_csr = None if valid is None else to_csr(valid[0], valid[1], (num_users, num_items))
-    train_csr = to_csr(np.asarray(train_users), np.asarray(train_items), (num_users, num_items))
-    history = fit_embeddings(
-        model, num_users, num_items, train_users, train_items, cfg,
-        valid=valid_csr, forward_kwargs=forward_kwargs, device=device, progress=progress, distributed=distributed,
-    )
-    with torch.no_grad():
-        users, items, _, weights = model(**forward_kwargs(False))
-    tm = TrainedModel(
-        config=cfg.model_dump(mode="json"),
-        user_embeddings=users.cpu().numpy().astype(np.float32),
-        item_embeddings=items.cpu().numpy().astype(np.float32),
-        modality_weights=weights.cpu().numpy().astype(np.float32),
-        history=[{"epoch": h.epoch, "loss": h.loss, "train_seconds": h.train_seconds, "valid": h.valid} for h in history],
-        relation_weights=dict(zip(rg.relations, model.relation_weights().detach().cpu().tolist())),
-        train_matrix=train_csr,
-        fusion=model.fusion.cpu().eval(),
-        num_layers=cfg.num_layers,
-    )
-    if cfg.hybrid_ease and valid_csr is not None and num_items <= cfg.max_ease_items and not distributed:
-        add_ease_term(tm, valid_csr, cfg, device=device)
-    return tm
+        valid_csr = None if valid is None else to_csr(valid[0], valid[1], (num_users, num_items))
+        train_csr = to_csr(np.asarray(train_users), np.asarray(train_items), (num_users, num_items))
+        history = fit_embeddings(
+            model, num_users, num_items, train_users, train_items, cfg,
+            valid=valid_csr, forward_kwargs=forward_kwargs, device=device, progress=progress, distributed=distributed,
+        )
+        with torch.no_grad():
+            users, items, _, weights = model(**forward_kwargs(False))
+        tm = TrainedModel(
+            config=cfg.model_dump(mode="json"),
+            user_embeddings=users.cpu().numpy().astype(np.float32),
+            item_embeddings=items.cpu().numpy().astype(np.float32),
+            modality_weights=weights.cpu().numpy().astype(np.float32),
+            history=[{"epoch": h.epoch, "loss": h.loss, "train_seconds": h.train_seconds, "valid": h.valid}
+                     for h in history],
+            relation_weights=dict(zip(rg.relations, model.relation_weights().detach().cpu().tolist())),
+            train_matrix=train_csr,
+            fusion=model.fusion.cpu().eval(),
+            num_layers=cfg.num_layers,
+        )
+        if cfg.hybrid_ease and valid_csr is not None and num_items <= cfg.max_ease_items and not distributed:
+            add_ease_term(tm, valid_csr, cfg, device=device)
+        return tm
 
 
 def add_ease_term(tm: TrainedModel, valid: sp.csr_matrix, cfg: FusionConfig, device: torch.device | str = "cpu") -> None:

@@ -77,6 +77,7 @@ class FusionConfig(_Section):
     use_text: bool = True
     use_image: bool = True
     device: str = "auto"
+    deterministic: bool = True  # torch deterministic algorithms while training: same result every run (fusion/train.py)
     # --- fusion/ training details (fusion/train.py documents each) ---
     loss: Literal["bpr", "softmax"] = "softmax"  # softmax = sampled softmax over num_negatives shared negatives
     num_negatives: int = 1024  # uniform negatives per positive (bpr) or per batch (softmax)
