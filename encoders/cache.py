@@ -182,6 +182,7 @@ class EmbeddingCache:
             for f in old - listed:
                 (self.dir / f).unlink(missing_ok=True)
         if self.dir.is_dir():
+            self._write_index(self._entries)  # invalid shards leave the index too, not only the directory
             listed = {e["file"] for e in self._entries} | {"index.json"}
             for child in self.dir.iterdir():
                 if child.name not in listed:

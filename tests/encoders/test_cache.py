@@ -97,3 +97,19 @@ def test_shard_not_in_index_is_not_read_and_compact_removes_it(tmp_path):
     assert found.tolist() == [True, True, False]
     np.testing.assert_array_equal(vecs[0], _vecs(1)[0])
     np.testing.assert_array_equal(vecs[1], _vecs(1, seed=5)[0])
+
+
+def test_compact_drops_invalid_shards_from_the_index(tmp_path):
+    keys = [content_hash(str(i)) for i in range(4)]
+    cache = EmbeddingCache(tmp_path, "m")
+    cache.put(keys[:2], _vecs(2))
+    cache.put(keys[2:], _vecs(2, seed=2))
+    index = json.loads((cache.dir / "index.json").read_text())
+    broken = cache.dir / index["shards"][1]["file"]
+    broken.write_bytes(b"torn")
+    reopened = EmbeddingCache(tmp_path, "m")  # one valid shard left: nothing to merge
+    reopened.compact()
+    assert not broken.exists()
+    assert [s["file"] for s in json.loads((cache.dir / "index.json").read_text())["shards"]] == [index["shards"][0]["file"]]
+    again = EmbeddingCache(tmp_path, "m")
+    assert again.stats.invalid_shards == [] and again.get(keys)[0].tolist() == [True, True, False, False]
