@@ -98,6 +98,20 @@ def adam(params: Any, lr: float, device: torch.device) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
+@contextlib.contextmanager
+def deterministic_torch(enabled: bool = True) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside (warnings, not errors, for ops without a deterministic
+    kernel), the previous setting restored after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+
+
 def fit_embeddings(
     model: nn.Module,
     num_users: int,
@@ -128,147 +142,115 @@ def fit_embeddings(
     the re-ranker's early stopping downstream (measured); the setting is restored afterwards.
     """
     with deterministic_torch(cfg.deterministic):
-        return _fit_embeddings(model, num_users, num_items, train_users, train_items, cfg, valid=valid,
-                               forward_kwargs=forward_kwargs, device=device, progress=progress,
-                               distributed=distributed)
-
-
-@contextlib.contextmanager
-def deterministic_torch(enabled: bool = True) -> Iterator[None]:
-    """``torch.use_deterministic_algorithms(True)`` inside (warnings, not errors, for ops without a deterministic
-    kernel), the previous setting restored after."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    if enabled:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
-
-
-def _fit_embeddings(
-    model: nn.Module,
-    num_users: int,
-    num_items: int,
-    train_users: np.ndarray,
-    train_items: np.ndarray,
-    cfg: FusionConfig,
-    *,
-    valid: sp.csr_matrix | None = None,
-    forward_kwargs: Callable[[bool], dict[str, Any]] | None = None,
-    device: torch.device | None = None,
-    progress: bool = False,
-    distributed: bool = False,
-) -> list[EpochRecord]:
-    if distributed:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        if not dist.is_initialized():
-            raise ConfigError("distributed training needs a process group: call init_distributed() or use spawn()")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = device or torch.device("cpu")
-    else:
-        rank, world = 0, 1
-        device = device or resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    model.to(device)
-    net: nn.Module = model
-    if distributed:
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    tu = torch.as_tensor(np.asarray(train_users), dtype=torch.long)
-    ti = torch.as_tensor(np.asarray(train_items), dtype=torch.long)
-    n = len(tu)
-    if n == 0:
-        raise DataError("no training interactions to learn from")
-    opt = adam(net.parameters(), cfg.lr, device)
-    train_csr = to_csr(tu.numpy(), ti.numpy(), (num_users, num_items))
-    eval_users = None
-    if valid is not None and valid.nnz:
-        have = np.flatnonzero(np.diff(sp.csr_matrix(valid).indptr) > 0)
-        if len(have) > cfg.max_eval_users:
-            eval_users = np.sort(np.random.default_rng(cfg.seed).choice(have, cfg.max_eval_users, replace=False))
-    history: list[EpochRecord] = []
-    best, best_state, since_best = -1.0, None, 0
-    kw = forward_kwargs or (lambda training: {})
-    epochs = range(cfg.epochs)
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        epochs = tqdm(epochs, desc="train" if world == 1 else f"train (ddp x{world})", unit="epoch")
-    for epoch in epochs:
-        net.train()
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen)
-        total = torch.zeros(1, dtype=torch.float64)
-        for start in range(0, n, cfg.batch_size):
-            idx = perm[start : start + cfg.batch_size]
-            b = len(idx)
-            # negatives for the whole (global) batch, drawn identically on every rank, sharded with the rows
-            if cfg.loss == "bpr":
-                neg = torch.randint(0, num_items, (b, cfg.num_negatives), generator=gen)
-            else:
-                neg = torch.randint(0, num_items, (cfg.num_negatives,), generator=gen)
-            rows = torch.tensor_split(torch.arange(b), world)[rank] if distributed else None
-            users, items, ego, _ = net(**kw(True))
-            if rows is not None and len(rows) == 0:  # fewer rows than ranks in a last batch: a zero gradient
-                loss = 0.0 * (users.sum() + items.sum())
-            else:
-                sel = idx if rows is None else idx[rows]
-                bu, bi = tu[sel].to(device), ti[sel].to(device)
-                bj = (neg if rows is None or cfg.loss != "bpr" else neg[rows]).to(device)
-                loss = batch_loss(users, items, bu, bi, bj, cfg)
-                if rows is not None:
-                    loss = loss * (len(sel) / b)
-                if cfg.weight_decay:
-                    reg = ego[bu].pow(2).sum() + ego[num_users + bi].pow(2).sum() + ego[num_users + bj].pow(2).sum()
-                    loss = loss + cfg.weight_decay * reg / (2 * b)
-                total += float(loss.detach()) * b
-            opt.zero_grad(set_to_none=True)
-            # DDP averages gradients over ranks: x world turns the average into the batch sum
-            (loss * world if distributed else loss).backward()
-            opt.step()
         if distributed:
-            dist.all_reduce(total)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rec = EpochRecord(epoch, float(total.item()) / n, time.perf_counter() - t0)
+            import torch.distributed as dist
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            if not dist.is_initialized():
+                raise ConfigError("distributed training needs a process group: call init_distributed() or use spawn()")
+            rank, world = dist.get_rank(), dist.get_world_size()
+            device = device or torch.device("cpu")
+        else:
+            rank, world = 0, 1
+            device = device or resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        model.to(device)
+        net: nn.Module = model
+        if distributed:
+            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        tu = torch.as_tensor(np.asarray(train_users), dtype=torch.long)
+        ti = torch.as_tensor(np.asarray(train_items), dtype=torch.long)
+        n = len(tu)
+        if n == 0:
+            raise DataError("no training interactions to learn from")
+        opt = adam(net.parameters(), cfg.lr, device)
+        train_csr = to_csr(tu.numpy(), ti.numpy(), (num_users, num_items))
+        eval_users = None
         if valid is not None and valid.nnz:
-            decision = torch.zeros(1, dtype=torch.float64)
-            if rank == 0:
-                model.eval()
-                with torch.no_grad():
-                    users, items, _, _ = model(**kw(False))
-                heldout = valid if eval_users is None else _rows_only(valid, eval_users)
-                rec.valid = evaluate(lambda u: users[u.to(device)] @ items.T, heldout, train_csr, ks=(20,),
-                                     device=device)
-                decision[0] = rec.valid["ndcg@20"]
+            have = np.flatnonzero(np.diff(sp.csr_matrix(valid).indptr) > 0)
+            if len(have) > cfg.max_eval_users:
+                eval_users = np.sort(np.random.default_rng(cfg.seed).choice(have, cfg.max_eval_users, replace=False))
+        history: list[EpochRecord] = []
+        best, best_state, since_best = -1.0, None, 0
+        kw = forward_kwargs or (lambda training: {})
+        epochs = range(cfg.epochs)
+        if progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            epochs = tqdm(epochs, desc="train" if world == 1 else f"train (ddp x{world})", unit="epoch")
+        for epoch in epochs:
+            net.train()
+            t0 = time.perf_counter()
+            perm = torch.randperm(n, generator=gen)
+            total = torch.zeros(1, dtype=torch.float64)
+            for start in range(0, n, cfg.batch_size):
+                idx = perm[start : start + cfg.batch_size]
+                b = len(idx)
+                # negatives for the whole (global) batch, drawn identically on every rank, sharded with the rows
+                if cfg.loss == "bpr":
+                    neg = torch.randint(0, num_items, (b, cfg.num_negatives), generator=gen)
+                else:
+                    neg = torch.randint(0, num_items, (cfg.num_negatives,), generator=gen)
+                rows = torch.tensor_split(torch.arange(b), world)[rank] if distributed else None
+                users, items, ego, _ = net(**kw(True))
+                if rows is not None and len(rows) == 0:  # fewer rows than ranks in a last batch: a zero gradient
+                    loss = 0.0 * (users.sum() + items.sum())
+                else:
+                    sel = idx if rows is None else idx[rows]
+                    bu, bi = tu[sel].to(device), ti[sel].to(device)
+                    bj = (neg if rows is None or cfg.loss != "bpr" else neg[rows]).to(device)
+                    loss = batch_loss(users, items, bu, bi, bj, cfg)
+                    if rows is not None:
+                        loss = loss * (len(sel) / b)
+                    if cfg.weight_decay:
+                        reg = ego[bu].pow(2).sum() + ego[num_users + bi].pow(2).sum() + ego[num_users + bj].pow(2).sum()
+                        loss = loss + cfg.weight_decay * reg / (2 * b)
+                    total += float(loss.detach()) * b
+                opt.zero_grad(set_to_none=True)
+                # DDP averages gradients over ranks: x world turns the average into the batch sum
+                (loss * world if distributed else loss).backward()
+                opt.step()
             if distributed:
-                dist.broadcast(decision, src=0)
-            score = float(decision[0])
-            rec.valid = rec.valid or {"ndcg@20": score}
-            if score >= best:
-                best, best_state, since_best = score, copy.deepcopy(model.state_dict()), 0
-            else:
-                since_best += 1
-            if rank == 0:
-                logger.info("epoch %d loss %.4f (%.2fs) valid ndcg@20 %.4f", epoch, rec.loss, rec.train_seconds, score)
-        history.append(rec)
-        if valid is not None and valid.nnz and since_best >= cfg.patience:
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    if distributed:
-        # Free the DDP wrapper (its reducer holds the process group and sits in reference cycles) while the group
-        # is alive: left to the interpreter's exit, its teardown after destroy_process_group() aborted a gloo rank
-        # ("terminate called without an active exception") in about one run of two ranks in twenty-five.
-        del net, opt
-        gc.collect()
-        dist.barrier()
-    return history
+                dist.all_reduce(total)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rec = EpochRecord(epoch, float(total.item()) / n, time.perf_counter() - t0)
+            if valid is not None and valid.nnz:
+                decision = torch.zeros(1, dtype=torch.float64)
+                if rank == 0:
+                    model.eval()
+                    with torch.no_grad():
+                        users, items, _, _ = model(**kw(False))
+                    heldout = valid if eval_users is None else _rows_only(valid, eval_users)
+                    rec.valid = evaluate(lambda u: users[u.to(device)] @ items.T, heldout, train_csr, ks=(20,),
+                                         device=device)
+                    decision[0] = rec.valid["ndcg@20"]
+                if distributed:
+                    dist.broadcast(decision, src=0)
+                score = float(decision[0])
+                rec.valid = rec.valid or {"ndcg@20": score}
+                if score >= best:
+                    best, best_state, since_best = score, copy.deepcopy(model.state_dict()), 0
+                else:
+                    since_best += 1
+                if rank == 0:
+                    logger.info("epoch %d loss %.4f (%.2fs) valid ndcg@20 %.4f", epoch, rec.loss, rec.train_seconds,
+                                score)
+            history.append(rec)
+            if valid is not None and valid.nnz and since_best >= cfg.patience:
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        model.eval()
+        if distributed:
+            # Free the DDP wrapper (its reducer holds the process group and sits in reference cycles) while the group
+            # is alive: left to the interpreter's exit, its teardown after destroy_process_group() aborted a gloo rank
+            # ("terminate called without an active exception") in about one run of two ranks in twenty-five.
+            del net, opt
+            gc.collect()
+            dist.barrier()
+        return history
 
 
 def _rows_only(m: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:

@@ -63,12 +63,17 @@ def test_interrupted_shard_write_leaves_cache_valid(tmp_path, monkeypatch):
     assert not [p for p in cache.dir.iterdir() if p.name.endswith(".tmp")]  # temp file cleaned up
 
 
-def test_truncated_or_corrupt_shard_is_ignored(tmp_path):
-    keys = [content_hash(str(i)) for i in range(6)]
+def _two_shards(tmp_path, n: int) -> tuple[EmbeddingCache, list[str], dict]:
+    """A cache holding n keys in two shards of n / 2, and its index."""
+    keys = [content_hash(str(i)) for i in range(n)]
     cache = EmbeddingCache(tmp_path, "m")
-    cache.put(keys[:3], _vecs(3))
-    cache.put(keys[3:], _vecs(3, seed=2))
-    index = json.loads((cache.dir / "index.json").read_text())
+    cache.put(keys[: n // 2], _vecs(n // 2))
+    cache.put(keys[n // 2 :], _vecs(n - n // 2, seed=2))
+    return cache, keys, json.loads((cache.dir / "index.json").read_text())
+
+
+def test_truncated_or_corrupt_shard_is_ignored(tmp_path):
+    cache, keys, index = _two_shards(tmp_path, 6)
     second = cache.dir / index["shards"][1]["file"]
     second.write_bytes(second.read_bytes()[:-40])  # a torn write of the second shard
     reopened = EmbeddingCache(tmp_path, "m")
@@ -100,11 +105,7 @@ def test_shard_not_in_index_is_not_read_and_compact_removes_it(tmp_path):
 
 
 def test_compact_drops_invalid_shards_from_the_index(tmp_path):
-    keys = [content_hash(str(i)) for i in range(4)]
-    cache = EmbeddingCache(tmp_path, "m")
-    cache.put(keys[:2], _vecs(2))
-    cache.put(keys[2:], _vecs(2, seed=2))
-    index = json.loads((cache.dir / "index.json").read_text())
+    cache, keys, index = _two_shards(tmp_path, 4)
     broken = cache.dir / index["shards"][1]["file"]
     broken.write_bytes(b"torn")
     reopened = EmbeddingCache(tmp_path, "m")  # one valid shard left: nothing to merge
