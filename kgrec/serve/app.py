@@ -187,8 +187,13 @@ def _check_image(data: bytes, filename: str | None) -> None:
                          "send a PNG, JPEG, GIF, BMP or WebP image") from exc
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
 class BodyLimit:
-    """ASGI middleware: refuse a POST whose Content-Length exceeds ``limit`` before its body is read (413).
+    """ASGI middleware: refuse a POST whose Content-Length exceeds ``limit`` before its body is read (413); a body
+    sent without a length (chunked) is counted as it arrives and refused the same way once it passes ``limit``.
 
     A plain ASGI wrapper rather than ``@app.middleware("http")``: that one runs every request through an extra
     task and stream, which costs about a millisecond per request on a loaded 2-core machine.
@@ -199,14 +204,49 @@ class BodyLimit:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("method") == "POST":
+            length = None
             for name, value in scope.get("headers", ()):
-                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                    response = JSONResponse(status_code=413, content={"detail": (
-                        f"request body of {value.decode()} bytes is larger than the upload limit of "
-                        f"{self.upload_limit} bytes (serve.max_upload_bytes); send a smaller image")})
-                    await response(scope, receive, send)
-                    return
+                if name == b"content-length" and value.isdigit():
+                    length = int(value)
+            if length is not None and length > self.limit:
+                await self._refuse(scope, receive, send, f"{length} bytes")
+                return
+            if length is None:
+                await self._counted(scope, receive, send)
+                return
         await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: dict[str, Any], receive: Any, send: Any, size: str) -> None:
+        response = JSONResponse(status_code=413, content={"detail": (
+            f"request body of {size} is larger than the upload limit of {self.upload_limit} bytes "
+            "(serve.max_upload_bytes); send a smaller image")})
+        await response(scope, receive, send)
+
+    async def _counted(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen, too_large, replaced = 0, False, False
+
+        async def counting_receive() -> dict[str, Any]:
+            nonlocal seen, too_large
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                too_large = True
+                raise _BodyTooLarge  # the framework answers its own error (FastAPI: 400): replaced below
+            return message
+
+        async def replacing_send(message: dict[str, Any]) -> None:
+            nonlocal replaced
+            if not too_large:
+                await send(message)
+            elif not replaced:
+                replaced = True
+                await self._refuse(scope, receive, send, f"more than {self.limit} bytes")
+
+        try:
+            await self.app(scope, counting_receive, replacing_send)
+        except _BodyTooLarge:
+            if not replaced:
+                await self._refuse(scope, receive, send, f"more than {self.limit} bytes")
 
 
 def _recommend_many(rec: Any, explain: bool) -> Callable[[Sequence[tuple[str, int]]], list[Any]]:

@@ -170,6 +170,18 @@ def test_image_upload_errors(client):
     # far over the limit: refused from Content-Length before the body is read
     r = client.post("/search", files={"image": ("huge.png", b"\0" * (SERVE.max_upload_bytes * 3), "image/png")})
     assert r.status_code == 413
+    # far over the limit without a Content-Length (chunked): counted as it arrives and refused
+    head = (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="h.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+
+    def chunks():
+        yield head
+        for _ in range(3 * SERVE.max_upload_bytes // 65536 + 1):
+            yield b"\0" * 65536
+        yield b"\r\n--xyz--\r\n"
+
+    r = client.post("/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 413 and "larger than the upload limit" in r.json()["detail"]
     assert client.post("/search", data={"k": "3"}).status_code == 422  # no file
     r = client.post("/search", files={"image": ("q.png", _png(), "image/png")}, data={"k": str(SERVE.max_k + 1)})
     assert r.status_code == 422
