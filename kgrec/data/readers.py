@@ -744,9 +744,11 @@ def _implicit_items(raws: list[RawTable]) -> RawTable:
 
 
 def _read_adjacency(path: Path, split: str | None) -> RawTable:
-    """``user item item ...`` lines -> one (user_id, item_id) row per item, line numbers kept."""
+    """``user item item ...`` lines -> one (user_id, item_id) row per item, line numbers kept. Blank lines and lines
+    naming a user with no items (no interaction to keep) are counted in ``blank_rows``."""
     users, items, lines = [], [], []
     rejected: list[dict[str, Any]] = []
+    blank = 0
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -756,7 +758,8 @@ def _read_adjacency(path: Path, split: str | None) -> RawTable:
                                         {"text": raw.decode("utf-8", "backslashreplace")}))
                 continue
             parts = text.split()
-            if not parts:
+            if len(parts) < 2:
+                blank += 1
                 continue
             for it in parts[1:]:
                 users.append(parts[0])
@@ -765,7 +768,7 @@ def _read_adjacency(path: Path, split: str | None) -> RawTable:
     t = pa.table({"user_id": pa.array(users, pa.string()), "item_id": pa.array(items, pa.string())})
     if split:
         t = t.append_column("split", pa.array([split] * t.num_rows, pa.string()))
-    return RawTable("", _with_origin(t, path.name, np.array(lines, dtype=np.int64)), rejected)
+    return RawTable("", _with_origin(t, path.name, np.array(lines, dtype=np.int64)), rejected, blank_rows=blank)
 
 
 def _read_id_list(path: Path) -> dict[str, str]:
@@ -793,8 +796,9 @@ def read_kgat(root: Path) -> RawSource:
     split.name, split.required = "split", ("user_id", "item_id", "split")
     ev = RawTable("events", split.table.drop_columns(["split"]).append_column(
         "type", pa.array(["purchase"] * split.table.num_rows, pa.string())), [], ("user_id", "item_id", "type"))
-    # parse failures are counted once, on the events table
+    # parse failures and blank lines are counted once, on the events table
     ev.rejected, split.rejected = split.rejected, []
+    ev.blank_rows, split.blank_rows = split.blank_rows, 0
     tables["events"], tables["split"] = ev, split
     if (root / "item_list.txt").is_file():
         remap = _read_id_list(root / "item_list.txt")

@@ -135,7 +135,7 @@ def test_recbole_ml100k_split_hashes_match_the_exported_protocol(tmp_path):
 
 def test_kgat_layout(tmp_path):
     (tmp_path / "train.txt").write_text("0 0 1 2\n1 1\n2 2 0\n")
-    (tmp_path / "test.txt").write_text("0 3\n1 0 2\n")
+    (tmp_path / "test.txt").write_text("0 3\n1 0 2\n\n2\n")  # a blank line and a user with no test items
     (tmp_path / "kg_final.txt").write_text("0 0 5\n1 0 5\n5 1 6\n")
     (tmp_path / "relation_list.txt").write_text("org_id remap_id\nfilm.genre 0\nfilm.country 1\n")
     assert detect_format(tmp_path) == "kgat"
@@ -149,6 +149,7 @@ def test_kgat_layout(tmp_path):
     assert set(ds.triples.relation) == {"film.genre", "film.country"}
     assert (ds.links.item_id == ds.links.entity_id).all() and len(ds.links) == 4
     assert report.tables["users"].implicit
+    assert report.tables["events"].blank_rows == 2 and report.tables["split"].blank_rows == 0  # counted once
 
 
 def test_hm_layout(tmp_path):
