@@ -75,17 +75,6 @@ class Recommendation:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _zscore(x: np.ndarray) -> np.ndarray:
-    """Standard scores of a list (0 where it has no spread; -inf / NaN count as the list's minimum)."""
-    x = np.asarray(x, dtype=np.float64)
-    finite = np.isfinite(x)
-    if not finite.any():
-        return np.zeros(len(x))
-    x = np.where(finite, x, x[finite].min())
-    sd = x.std()
-    return (x - x.mean()) / sd if sd > 0 else np.zeros(len(x))
-
-
 def _index(ids: Sequence[str]) -> dict[str, int]:
     return {v: i for i, v in enumerate(ids)}
 
