@@ -176,6 +176,16 @@ def _not_utf8(v: bytes) -> bool:
         return True
 
 
+def _column_names(path: Path, raw: list[str]) -> list[str]:
+    """Stripped, lower-cased column names; a clear error when two of them become one."""
+    names = [n.strip().lower() for n in raw]
+    if len(set(names)) != len(names):
+        dups = sorted({c for c, n in zip(raw, names) if names.count(n) > 1})
+        raise DataError(f"{path}: columns {dups} are the same name in lower case (duplicate column names); "
+                        "rename one")
+    return names
+
+
 def read_delimited(path: Path, *, delimiter: str = ",", quoting: bool = True, column_names: list[str] | None = None,
                    header_suffix_sep: str | None = None) -> RawTable:
     """CSV/TSV -> string columns with exact physical line numbers (quoted newlines counted).
@@ -206,9 +216,7 @@ def read_delimited(path: Path, *, delimiter: str = ",", quoting: bool = True, co
         names = list(column_names)
     if header_suffix_sep:
         names = [n.split(header_suffix_sep, 1)[0] for n in names]
-    names = [n.strip().lower() for n in names]
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}: duplicate column names in the header {names}")
+    names = _column_names(path, names)
     if not _is_utf8(path):  # Arrow's invalid-row handler cannot report rows that are not UTF-8
         return _read_delimited_python(path, names, delimiter=delimiter, quoting=quoting,
                                       has_header=column_names is None)
@@ -429,10 +437,7 @@ def read_parquet(path: Path) -> RawTable:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"cannot read {path} as Parquet: {exc}") from exc
-    names = [c.strip().lower() for c in table.column_names]
-    if len(set(names)) != len(names):
-        dups = sorted({c for c, n in zip(table.column_names, names) if names.count(n) > 1})
-        raise DataError(f"{path}: columns {dups} are the same name in lower case; rename one")
+    _column_names(path, table.column_names)
     table = normalise_parquet_columns(table)
     lines = np.arange(1, table.num_rows + 1, dtype=np.int64)
     table, lines, bad = _decode_columns(table, path.name, lines)
