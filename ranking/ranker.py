@@ -76,11 +76,9 @@ class Ranker:
         ``config.early_stopping_rounds`` rounds and keeps the best iteration."""
         import lightgbm as lgb
 
-        X = np.asarray(X, dtype=np.float32)
+        X = self._features(X)
         y = np.asarray(y, dtype=np.int32)
         group = np.asarray(group, dtype=np.int64)
-        if X.shape[1] != len(self.feature_names):
-            raise ValueError(f"X has {X.shape[1]} columns but the ranker has {len(self.feature_names)} feature names")
         if group.sum() != len(X):
             raise ValueError(f"group sizes sum to {group.sum()} but X has {len(X)} rows")
         cfg = self.config
