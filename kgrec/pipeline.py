@@ -555,17 +555,13 @@ class Recommender:
         self.metrics.pop("ranker_training", None)
         self.metrics.pop("test", None)
         t0 = time.perf_counter()
-        ev_split = self._event_splits(events, pairs)
+        ev_split = event_split_codes(events, pairs, self.user_pos, self.item_pos)
         if len(va):
             self.ranker = self._fit_ranker(events[ev_split == 0], events[ev_split == 1], tr)
         t1 = time.perf_counter()
         if len(te):
             self.metrics.update(self._evaluate(events[ev_split <= 1], tr, va, te))
         return {"train_ranker_s": t1 - t0, "evaluate_s": time.perf_counter() - t1}
-
-    def _event_splits(self, events: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
-        """Split code per event row, from its (user, item) pair (events of pairs without a split: train)."""
-        return event_split_codes(events, pairs, self.user_pos, self.item_pos)
 
     def _context_for(self, events: pd.DataFrame) -> Any:
         from ranking.context import RankingContext
