@@ -45,7 +45,7 @@ import numpy as np
 from kg.store import Path as KGPath
 from kgrec.config import RankingConfig
 from kgrec.errors import KgrecError
-from ranking.context import HISTORY_RELS, RankingContext
+from ranking.context import HISTORY_EVENT_TYPES, HISTORY_RELS, RankingContext
 from ranking.features import FeatureBuilder
 from ranking.graph_paths import paths_to_items
 from ranking.ranker import Ranker
@@ -302,6 +302,19 @@ class Explainer:
         h = self.ctx.history[u]
         return h.indices if h.nnz else self.ctx.touched[u].indices
 
+    def _history_verb(self, u: int, items: Any = None) -> str:
+        """What the user did with ``items`` (default: every item ``_history_items`` returns), for "items you ...":
+        "bought", "rated", "put in your cart" or a combination ("bought or rated"); "looked at" when the history
+        falls back to every item the user touched (views, clicks)."""
+        if not self.ctx.history[u].nnz:
+            return "looked at"
+        done = []
+        for ev in HISTORY_EVENT_TYPES:
+            row = self.ctx.interactions[ev][u]
+            if row.nnz and (items is None or np.isin(items, row.indices).any()):
+                done.append(_HISTORY_VERBS[ev])
+        return " or ".join(done) or "looked at"
+
     def _nearest_history_item(self, u: int, i: int, vectors: np.ndarray | None) -> str | None:
         hist = self._history_items(u)
         hist = hist[hist != i]
@@ -437,7 +450,7 @@ def _attribute_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
     order = np.argsort(-shared, kind="stable")
     vals = [ex.ctx.attribute_ids[mine[k]] for k in order[:2] if shared[k] > 0]
     text = " and ".join("*" + a.replace("=", ": ", 1) + "*" for a in vals)
-    return f"it shares {text} with items you bought"
+    return f"it shares {text} with items you {ex._history_verb(u)}"
 
 
 def _entity_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
@@ -447,7 +460,7 @@ def _entity_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
     ents, shared = _shared_with_history(ex, u, i, ex.ctx.item_entity)
     if shared.max(initial=0) <= 0:
         return None
-    return f"it is linked to *{ex.ctx.entity_ids[ents[int(np.argmax(shared))]]}* like items you bought"
+    return f"it is linked to *{ex.ctx.entity_ids[ents[int(np.argmax(shared))]]}* like items you {ex._history_verb(u)}"
 
 
 def _also_bought_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
@@ -458,7 +471,7 @@ def _also_bought_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
     partners = [j for j in ctx.also_bought[i].indices.tolist() if j in hist and j != i]
     if not partners:
         return None
-    return f"it is often bought together with *{ctx.item_title(partners[0])}*, which you bought"
+    return f"it is often bought together with *{ctx.item_title(partners[0])}*, which you {ex._history_verb(u, partners[:1])}"
 
 
 def _similar_phrase(template: str, attr: str) -> Callable[[Explainer, float, int, int], str | None]:
@@ -467,7 +480,7 @@ def _similar_phrase(template: str, attr: str) -> Callable[[Explainer, float, int
             return None
         vectors = getattr(ex.ctx, attr)
         nearest = ex._nearest_history_item(u, i, vectors)
-        return template.format(item=f"*{nearest}*" if nearest else "items you bought")
+        return template.format(item=f"*{nearest}*" if nearest else f"items you {ex._history_verb(u)}")
 
     return fn
 
@@ -488,13 +501,17 @@ def _price_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
     return "it costs less than you usually pay" if v < 0.75 else None
 
 
+# "items you ..." for each history event type (``HISTORY_EVENT_TYPES``)
+_HISTORY_VERBS = {"purchase": "bought", "cart": "put in your cart", "rating": "rated"}
+
 _PHRASES: dict[str, Callable[[Explainer, float, int, int], str | None]] = {
     "gnn_score": lambda ex, v, u, i: "customers with tastes like yours chose it",
     "history_similarity": _similar_phrase("it is close to {item} in what people buy together", "item_vectors_unit"),
     "text_similarity": _similar_phrase("its description reads like {item}", "item_text"),
     "image_similarity": _similar_phrase("it looks like {item}", "item_image"),
     "query_similarity": lambda ex, v, u, i: "it matches your search" if v > 0.2 else None,
-    "modality_weighted_similarity": lambda ex, v, u, i: "it resembles items you bought" if v > 0.2 else None,
+    "modality_weighted_similarity": lambda ex, v, u, i: (
+        f"it resembles items you {ex._history_verb(u)}" if v > 0.2 else None),
     "kg_paths_also_bought": _also_bought_phrase,
     "kg_paths_brand": _brand_phrase,
     "brand_share": _brand_phrase,
@@ -504,14 +521,14 @@ _PHRASES: dict[str, Callable[[Explainer, float, int, int], str | None]] = {
     "attribute_overlap": _attribute_phrase,
     "kg_paths_entity": _entity_phrase,
     "kg_paths_co_buyer": lambda ex, v, u, i: (
-        "customers who bought what you bought also bought it" if v > 0 else None
+        f"customers who chose what you {ex._history_verb(u)} also chose it" if v > 0 else None
     ),
     "kg_paths_total": lambda ex, v, u, i: (
-        _count(v, "one product-graph path links it to your purchases",
-               "{n} product-graph paths link it to your purchases") if v > 0 else None
+        _count(v, "one product-graph path links it to items you " + ex._history_verb(u),
+               "{n} product-graph paths link it to items you " + ex._history_verb(u)) if v > 0 else None
     ),
     "kg_shortest_path": lambda ex, v, u, i: (
-        "it is closely connected to your purchases in the product graph" if v <= 3 else None
+        f"it is closely connected to items you {ex._history_verb(u)} in the product graph" if v <= 3 else None
     ),
     "user_item_views": lambda ex, v, u, i: _count(v, "you viewed it", "you viewed it {n} times") if v > 0 else None,
     "user_item_clicks": lambda ex, v, u, i: _count(v, "you clicked on it", "you clicked on it {n} times") if v > 0 else None,

@@ -161,7 +161,35 @@ def test_entity_phrase_names_an_entity_the_users_items_share(trained, explainer)
             if not shared:
                 assert phrase is None
                 continue
-            name = re.match(r"it is linked to \*(.+)\* like items you bought", phrase).group(1)
+            name = re.match(r"it is linked to \*(.+)\* like items you (?:bought|put in your cart|rated)", phrase).group(1)
             assert name in {ctx.entity_ids[e] for e in shared}
             checked += 1
     assert checked >= 20
+
+
+def test_phrases_say_what_the_user_did_with_the_items(trained):
+    """"items you bought" only for purchases: ratings say "rated", carts "put in your cart", a user with views only
+    (history falls back to what they touched) "looked at"; an also-bought partner gets its own verb."""
+    import scipy.sparse as sp
+
+    from ranking.context import RankingContext
+    from ranking.explain import _PHRASES, _also_bought_phrase
+
+    def m(rows: list[tuple[int, int]]) -> sp.csr_matrix:
+        r, c = zip(*rows) if rows else ((), ())
+        return sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(4, 3))
+
+    none = sp.csr_matrix((3, 0))
+    also = sp.csr_matrix(np.array([[0, 1, 1], [1, 0, 0], [1, 0, 0]], dtype=float))
+    ctx = RankingContext(
+        user_ids=["buyer", "rater", "mixed", "viewer"], item_ids=["a", "b", "c"],
+        user_vectors=np.ones((4, 2)), item_vectors=np.ones((3, 2)),
+        interactions={"purchase": m([(0, 1), (2, 1)]), "rating": m([(1, 1), (2, 2)]), "view": m([(3, 1)])},
+        item_brand=none, item_category=none, item_attribute=none, item_entity=none, also_bought=also)
+    ex = Explainer.__new__(Explainer)
+    ex.ctx = ctx
+    assert [ex._history_verb(u) for u in range(4)] == ["bought", "rated", "bought or rated", "looked at"]
+    assert ex._history_verb(2, [2]) == "rated" and ex._history_verb(2, [1]) == "bought"
+    assert _PHRASES["modality_weighted_similarity"](ex, 0.9, 1, 0) == "it resembles items you rated"
+    assert _also_bought_phrase(ex, 1.0, 2, 0) == "it is often bought together with *b*, which you bought"
+    assert _PHRASES["kg_shortest_path"](ex, 2, 3, 0) == "it is closely connected to items you looked at in the product graph"
