@@ -1,6 +1,8 @@
 """The ``Encoder`` protocol shared by the text (BERT) and CLIP encoders."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -38,3 +40,18 @@ class FitResult:
     metrics: dict[str, Any]
     curve: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of what decides a tokenizer's output: its class and, for a fast tokenizer, its whole serialised
+    pipeline (vocabulary, normaliser, pre-tokeniser, added tokens); for a slow one its vocabulary, added tokens and
+    lower-casing flag. Part of the text encoders' ``model_id``, so another tokenizer over the same weights never
+    reads cached vectors of the first."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(repr(getattr(tokenizer, "do_lower_case", None)).encode())
+    return h.hexdigest()

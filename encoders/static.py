@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from encoders.base import l2_normalise
+from encoders.base import l2_normalise, tokenizer_fingerprint
 from kgrec.errors import EncoderError
 
 logger = logging.getLogger(__name__)
@@ -69,11 +69,12 @@ class StaticTextEncoder:
 
     @property
     def model_id(self) -> str:
-        """``static:<base>:<sha256 of rows and weights>[:16]``."""
+        """``static:<base>:<sha256 of rows and weights>[:16]:tok<tokenizer sha256[:8]>:len<max_length>``."""
         if self._model_id is None:
             h = hashlib.sha256(self.embeddings.tobytes())
             h.update(self.weights.tobytes())
-            self._model_id = f"static:{self.base}:{h.hexdigest()[:16]}:len{self.max_length}"
+            self._model_id = (f"static:{self.base}:{h.hexdigest()[:16]}:tok{tokenizer_fingerprint(self.tokenizer)[:8]}"
+                              f":len{self.max_length}")
         return self._model_id
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from encoders.base import tokenizer_fingerprint
 from kgrec.errors import EncoderError
 
 logger = logging.getLogger(__name__)
@@ -156,9 +157,11 @@ class TextEncoder:
 
     @property
     def model_id(self) -> str:
-        """``text:<name>:<weights sha256[:16]>:<max_length>``; changes whenever the weights change."""
+        """``text:<name>:<weights sha256[:16]>:tok<tokenizer sha256[:8]>:len<max_length>``; changes whenever the
+        weights or the tokenizer change."""
         if self._model_id is None:
-            self._model_id = f"text:{self.name}:{module_fingerprint(self.model)[:16]}:len{self.max_length}"
+            self._model_id = (f"text:{self.name}:{module_fingerprint(self.model)[:16]}:"
+                              f"tok{tokenizer_fingerprint(self.tokenizer)[:8]}:len{self.max_length}")
         return self._model_id
 
     def invalidate_id(self) -> None:

@@ -40,6 +40,23 @@ def test_deterministic_and_model_id_follows_weights():
     assert a.model_id != b.model_id
 
 
+def test_model_id_follows_the_tokenizer():
+    """Same weights, another tokenizer (one added token, or lower-casing off): another id, so the embedding cache
+    never serves the first tokenizer's vectors; an equal tokenizer loaded again gives the same id."""
+    import copy
+
+    from encoders.text import TextEncoder
+    from tests.encoders.conftest import TINY_BERT
+
+    a = TextEncoder.from_config(TINY_BERT, seed=3, device="cpu")
+    tok = copy.deepcopy(a.tokenizer)
+    assert TextEncoder(model=a.name, _modules=(tok, a.model)).model_id == a.model_id
+    tok.add_tokens(["zzqx-sku-token"])
+    other = TextEncoder(model=a.name, _modules=(tok, a.model))
+    assert other.model_id != a.model_id
+    assert other.model_id.split(":tok")[0] == a.model_id.split(":tok")[0]  # the weights part is the same
+
+
 def test_truncation_long_text_equals_prefix(tiny_text_encoder):
     long = " ".join(f"word{i}" for i in range(400))
     v1, v2 = tiny_text_encoder.encode([long, long + " extra tail words"])
