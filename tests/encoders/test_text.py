@@ -50,6 +50,10 @@ def test_model_id_follows_the_tokenizer():
 
     a = TextEncoder.from_config(TINY_BERT, seed=3, device="cpu")
     tok = copy.deepcopy(a.tokenizer)
+    before = a.model_id
+    a.encode(["red shoes", "a much longer text " * 40])  # a call sets truncation / padding in the backend
+    a.invalidate_id()
+    assert a.model_id == before
     assert TextEncoder(model=a.name, _modules=(tok, a.model)).model_id == a.model_id
     tok.add_tokens(["zzqx-sku-token"])
     other = TextEncoder(model=a.name, _modules=(tok, a.model))
