@@ -7,7 +7,7 @@ choice (EASE lambda, hybrid weight, epochs) is made on valid NDCG@20; test is ev
 The best row (``ours: two-stage``, ``benchmarks/ml100k_stack.py``): our text + KG GNN and nine closed-form
 retrievers (EASE, EDLAE, time-local EASE x3, iALS, RP3beta, user-EASE, GF-CF, item-KNN) score every item; a
 LightGBM re-ranker over each user's top 100 learns from 10 folds of train (bases refitted without the fold, the
-fold's items are the labels), so it never sees a valid or test label. ``--no-stack`` skips it (~6 min on 2 cores).
+fold's items are the labels), so it never sees a valid or test label. ``--no-stack`` skips it (~11 min on one core).
 
 Epoch time against RecBole in the same run (the goal is a ratio <= 0.5):
 ``make recbole-peer && .venv/bin/python -m benchmarks.bench_ml100k --recbole-python .venv-recbole/bin/python``
@@ -429,8 +429,8 @@ def stack_row(d: ML100K, text: np.ndarray, add, epochs: int) -> None:
     add("ours: two-stage (text+KG GNN + 9 closed forms -> LightGBM re-ranker, 10-fold on train)",
         lambda u: torch.as_tensor(sv[np.asarray(u)]), time.perf_counter() - t0,
         test_score_fn=lambda u: torch.as_tensor(st[np.asarray(u)]),
-        note=f"re-ranker {best['setting']} ({ms.RERANKER_BAG} LightGBM seeds) chosen on valid among {len(settings)}; fold candidate recall@100 "
-             f"{np.mean(data.fold_candidate_recall):.3f}; top features by gain: {top}")
+        note=f"re-ranker {best['setting']} ({ms.RERANKER_BAG} LightGBM seeds) chosen on valid among {len(settings)}; "
+             f"fold candidate recall@100 {np.mean(data.fold_candidate_recall):.3f}; top features by gain: {top}")
 
 
 # The config of every trained row (ours and the BPR-MF / LightGCN baselines): sampled softmax with shared
@@ -491,7 +491,7 @@ def write(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="at most 40 epochs per trained model")
-    parser.add_argument("--no-stack", action="store_true", help="skip the two-stage row (~6 min on 2 cores)")
+    parser.add_argument("--no-stack", action="store_true", help="skip the two-stage row (~11 min on one core)")
     parser.add_argument("--epoch-ablation", action="store_true",
                         help="only time one training step with each epoch-time change added in turn "
                              "(writes results/ml100k_epoch_ablation.json)")

@@ -1,14 +1,15 @@
 """How the ml-100k two-stage model (issue #6) moves with its GNN base's seed: one run, several seeds, same folds.
 
 Run: ``flock /tmp/kgrec_bench.lock .venv/bin/python -m benchmarks.bench_ml100k_seeds`` (1 thread; ~50 minutes
-on 2 cores for five seeds). Data: ``KGREC_ML100K_DIR`` or ``../shared/data/ml-100k-kg``, the split, masking and
+for five seeds). Data: ``KGREC_ML100K_DIR`` or ``../shared/data/ml-100k-kg``, the split, masking and
 metrics of ``bench_ml100k``.
 
 The nine closed-form bases and the statistics are fitted once per fold (``ml100k_stack.build_variants``); only the
 GNN base (our text + KG GNN, early-stopped on valid NDCG@20) is refitted per seed, plus one variant without it. Each
 variant's re-ranker setting is chosen on valid NDCG@20 among ``GRID`` (the binary settings that won in earlier
-runs; each the average of ``--lightgbm-bag`` LightGBM seeds), and its test numbers are reported once for that choice. The goal (1.05 x EASE: test Recall@20 >= 0.424 and
-NDCG@20 >= 0.365) counts as met robustly only when every seed meets it.
+runs; each the average of ``--lightgbm-bag`` LightGBM seeds), and its test numbers are reported once for that
+choice. The goal (1.05 x EASE: test Recall@20 >= 0.424 and NDCG@20 >= 0.365) counts as met robustly only when every
+seed meets it.
 
 Writes ``benchmarks/results/ml100k_seeds.{json,md,png}``.
 """

@@ -460,7 +460,8 @@ def _entity_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
     ents, shared = _shared_with_history(ex, u, i, ex.ctx.item_entity)
     if shared.max(initial=0) <= 0:
         return None
-    return f"it is linked to *{ex.ctx.entity_ids[ents[int(np.argmax(shared))]]}* like items you {ex._history_verb(u)}"
+    entity = ex.ctx.entity_ids[ents[int(np.argmax(shared))]]
+    return f"it is linked to *{entity}* like items you {ex._history_verb(u)}"
 
 
 def _also_bought_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
@@ -471,7 +472,8 @@ def _also_bought_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
     partners = [j for j in ctx.also_bought[i].indices.tolist() if j in hist and j != i]
     if not partners:
         return None
-    return f"it is often bought together with *{ctx.item_title(partners[0])}*, which you {ex._history_verb(u, partners[:1])}"
+    verb = ex._history_verb(u, partners[:1])
+    return f"it is often bought together with *{ctx.item_title(partners[0])}*, which you {verb}"
 
 
 def _similar_phrase(template: str, attr: str) -> Callable[[Explainer, float, int, int], str | None]:
