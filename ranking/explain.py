@@ -304,16 +304,16 @@ class Explainer:
 
     def _history_verb(self, u: int, items: Any = None) -> str:
         """What the user did with ``items`` (default: every item ``_history_items`` returns), for "items you ...":
-        "bought", "rated", "put in your cart" or a combination ("bought or rated"); "looked at" when the history
-        falls back to every item the user touched (views, clicks)."""
+        "bought", "rated", "put in your cart", or short forms joined for several ("bought or rated", "bought,
+        carted or rated"); "looked at" when the history falls back to every item the user touched (views, clicks)."""
         if not self.ctx.history[u].nnz:
             return "looked at"
-        done = []
-        for ev in HISTORY_EVENT_TYPES:
-            row = self.ctx.interactions[ev][u]
-            if row.nnz and (items is None or np.isin(items, row.indices).any()):
-                done.append(_HISTORY_VERBS[ev])
-        return " or ".join(done) or "looked at"
+        done = [ev for ev in HISTORY_EVENT_TYPES if (row := self.ctx.interactions[ev][u]).nnz
+                and (items is None or np.isin(items, row.indices).any())]
+        if len(done) <= 1:
+            return _HISTORY_VERBS[done[0]] if done else "looked at"
+        short = [_HISTORY_VERBS_SHORT[ev] for ev in done]
+        return ", ".join(short[:-1]) + " or " + short[-1]
 
     def _nearest_history_item(self, u: int, i: int, vectors: np.ndarray | None) -> str | None:
         hist = self._history_items(u)
@@ -505,6 +505,7 @@ def _price_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
 
 # "items you ..." for each history event type (``HISTORY_EVENT_TYPES``)
 _HISTORY_VERBS = {"purchase": "bought", "cart": "put in your cart", "rating": "rated"}
+_HISTORY_VERBS_SHORT = {"purchase": "bought", "cart": "carted", "rating": "rated"}  # in a list of several
 
 _PHRASES: dict[str, Callable[[Explainer, float, int, int], str | None]] = {
     "gnn_score": lambda ex, v, u, i: "customers with tastes like yours chose it",
