@@ -306,10 +306,14 @@ class Explainer:
         """What the user did with ``items`` (default: every item ``_history_items`` returns), for "items you ...":
         "bought", "rated", "put in your cart", or short forms joined for several ("bought or rated", "bought,
         carted or rated"); "looked at" when the history falls back to every item the user touched (views, clicks)."""
-        if not self.ctx.history[u].nnz:
+        if self.ctx.history.indptr[u] == self.ctx.history.indptr[u + 1]:
             return "looked at"
-        done = [ev for ev in HISTORY_EVENT_TYPES if (row := self.ctx.interactions[ev][u]).nnz
-                and (items is None or np.isin(items, row.indices).any())]
+        done = []
+        for ev in HISTORY_EVENT_TYPES:  # CSR rows read through indptr: no per-phrase matrix slicing
+            m = self.ctx.interactions[ev]
+            row = m.indices[m.indptr[u]:m.indptr[u + 1]]
+            if len(row) and (items is None or np.isin(items, row).any()):
+                done.append(ev)
         if len(done) <= 1:
             return _HISTORY_VERBS[done[0]] if done else "looked at"
         short = [_HISTORY_VERBS_SHORT[ev] for ev in done]
