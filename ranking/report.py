@@ -33,14 +33,35 @@ def emphasis(text: str) -> Markup:
     return Markup(_STAR.sub(r"<strong>\1</strong>", html.escape(text, quote=False)))
 
 
+def sniff_picture(head: bytes) -> str | None:
+    """The picture type the first bytes of a file announce (PNG, JPEG, GIF, WebP), or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
 def image_data_uri(image: str | None, image_root: str | Path | None, label: str) -> str:
-    """A data URI for an item image under ``image_root``, or an SVG placeholder with the item's initials."""
+    """A data URI for an item image under ``image_root``, or an SVG placeholder with the item's initials.
+
+    Only a picture is embedded: the extension must name a picture type and the file's first bytes must be that type
+    (image paths may be absolute — ``update`` keeps new items' paths — so a report of a bundle from someone else must
+    not carry another file of this machine that merely ends in ``.png``)."""
     if image and image_root is not None:
         p = Path(image_root) / image
         mime = _MIME.get(p.suffix.lower())
         if mime and p.is_file() and p.stat().st_size <= _MAX_IMAGE_BYTES:
-            return f"data:{mime};base64," + base64.b64encode(p.read_bytes()).decode("ascii")
-        logger.debug("image %s not embeddable (missing, too large or unknown type)", p)
+            data = p.read_bytes()
+            if sniff_picture(data[:16]) == mime:
+                return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+            logger.warning("image %s is not a %s picture inside; not embedded", p, mime)
+        else:
+            logger.debug("image %s not embeddable (missing, too large or unknown type)", p)
     hue = int(hashlib.sha256(label.encode()).hexdigest()[:4], 16) % 360
     initials = "".join(w[0] for w in label.split()[:2]).upper() or "?"
     svg = (

@@ -196,3 +196,28 @@ def test_phrases_say_what_the_user_did_with_the_items(trained):
     assert _also_bought_phrase(ex, 1.0, 2, 0) == "it is often bought together with *b*, which you bought"
     closely = _PHRASES["kg_shortest_path"](ex, 2, 3, 0)
     assert closely == "it is closely connected to items you looked at in the product graph"
+
+
+def test_report_embeds_only_files_that_are_pictures_inside(tmp_path):
+    """A real PNG / JPEG / GIF / WebP is embedded with its type; a text file named .png (say, a key someone's bundle
+    points at by absolute path) and a JPEG named .png get the SVG placeholder, never their bytes."""
+    import base64
+
+    from PIL import Image
+
+    from ranking.report import image_data_uri
+
+    img = Image.new("RGB", (4, 4), (200, 30, 30))
+    for name, fmt in (("a.png", "PNG"), ("b.jpg", "JPEG"), ("c.gif", "GIF"), ("d.webp", "WEBP")):
+        img.save(tmp_path / name, fmt)
+        uri = image_data_uri(name, tmp_path, "Red thing")
+        mime = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}[fmt]
+        assert uri.startswith(f"data:{mime};base64,")
+        assert base64.b64decode(uri.split(",", 1)[1]) == (tmp_path / name).read_bytes()
+    secret = tmp_path / "id_rsa.png"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n")
+    img.save(tmp_path / "photo.png", "JPEG")  # wrong extension for its content
+    for name in (str(secret), "photo.png"):  # absolute paths are taken as they are (update keeps them)
+        uri = image_data_uri(name, tmp_path, "Red thing")
+        assert uri.startswith("data:image/svg+xml;base64,")
+        assert b"PRIVATE KEY" not in base64.b64decode(uri.split(",", 1)[1])
