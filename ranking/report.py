@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import io
 import logging
 import re
 from datetime import datetime, timezone
@@ -33,17 +34,15 @@ def emphasis(text: str) -> Markup:
     return Markup(_STAR.sub(r"<strong>\1</strong>", html.escape(text, quote=False)))
 
 
-def sniff_picture(head: bytes) -> str | None:
-    """The picture type the first bytes of a file announce (PNG, JPEG, GIF, WebP), or None."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    return None
+def picture_type(data: bytes) -> str | None:
+    """The MIME type of the picture ``data`` holds as Pillow identifies it from its header, or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return Image.MIME.get(im.format or "")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def image_data_uri(image: str | None, image_root: str | Path | None, label: str) -> str:
@@ -57,7 +56,7 @@ def image_data_uri(image: str | None, image_root: str | Path | None, label: str)
         mime = _MIME.get(p.suffix.lower())
         if mime and p.is_file() and p.stat().st_size <= _MAX_IMAGE_BYTES:
             data = p.read_bytes()
-            if sniff_picture(data[:16]) == mime:
+            if picture_type(data) == mime:
                 return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
             logger.warning("image %s is not a %s picture inside; not embedded", p, mime)
         else:
