@@ -712,8 +712,9 @@ class Recommender:
             self._builder = FeatureBuilder(ctx)
         return self._builder
 
-    def _has_history(self, user_id: str) -> bool:
-        """A known user with at least one event (a user listed without events has an untrained vector)."""
+    def has_history(self, user_id: str) -> bool:
+        """Whether ``user_id`` is a known user with at least one event: such users get personal recommendations
+        and explanations; the others (unknown, or listed without events, whose vector is untrained) need a query."""
         u = self.user_pos.get(user_id)
         return u is not None and self.seen.indptr[u + 1] > self.seen.indptr[u]
 
@@ -758,12 +759,12 @@ class Recommender:
         holds its two parts (``ranker``, ``query``); an explanation explains the ranker part."""
         if k < 1:
             raise DataError(f"k must be at least 1, got {k}")
-        if user_id is None or (query and not self._has_history(user_id)):
+        if user_id is None or (query and not self.has_history(user_id)):
             if not query:
                 raise DataError("recommend needs a user id or a query")
             return self.search(text=query, k=k)
         u = self._user_index(user_id)
-        if not self._has_history(user_id):
+        if not self.has_history(user_id):
             raise DataError(f"user {user_id!r} has no events, so no trained vector: pass query=... or use "
                             "search / similar")
         c = min(max(self.config.ranking.num_candidates, k), len(self.item_ids))
@@ -814,8 +815,9 @@ class Recommender:
         if any(x < 1 for x in ks):
             raise DataError(f"k must be at least 1, got {min(ks)}")
         users = np.array([self._user_index(u) for u in user_ids], dtype=np.int64)
-        for u in user_ids:
-            if not self._has_history(u):
+        indptr = self.seen.indptr
+        for u, ui in zip(user_ids, users):
+            if indptr[ui + 1] == indptr[ui]:
                 raise DataError(f"user {u!r} has no events, so no trained vector: pass query=... to recommend")
         out: list[list[Recommendation] | None] = [None] * len(user_ids)
         if self.ranker is None or len(users) <= 1:

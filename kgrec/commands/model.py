@@ -178,7 +178,7 @@ def write_html(rec: Any, results: dict[str, list[Any]], path: Path, title: str =
     from ranking.report import write_report
 
     exps = {u: [rec.explain(u, r.item_id, query=query) for r in rs]
-            for u, rs in results.items() if rec._has_history(u)}
+            for u, rs in results.items() if rec.has_history(u)}
     if not exps:
         return None
     return write_report(path, exps, image_root=rec.dataset_root, title=title)

@@ -82,6 +82,8 @@ def test_user_without_history_is_served_from_a_query(fitted):
     seen = fitted.seen.tolil()
     seen[fitted.user_pos[ghost], :] = 0
     rec._seen = sp.csr_matrix(seen)
+    assert not rec.has_history(ghost) and rec.has_history(fitted.user_ids[1])
+    assert not rec.has_history("brand-new-user") and fitted.has_history(ghost)
     with pytest.raises(DataError, match="has no events"):
         rec.recommend(ghost, 4)
     with pytest.raises(DataError, match="has no events"):
