@@ -127,10 +127,12 @@ def event_split_codes(events: pd.DataFrame, pairs: pd.DataFrame, user_pos: dict[
 
 
 def training_graph(hetero: Any, id_maps: dict[str, list[str]], events: pd.DataFrame, pairs: pd.DataFrame,
-                   also_bought_min_count: int) -> Any:
+                   also_bought_min_count: int, codes: np.ndarray | None = None) -> Any:
     """The graph the GNN trains on: ``hetero`` with its interaction and ALSO_BOUGHT edges rebuilt from the training
-    events only (ALSO_BOUGHT derived from every purchase would carry valid / test purchases into training)."""
-    codes = event_split_codes(events, pairs, _index(id_maps.get("user", [])), _index(id_maps.get("item", [])))
+    events only (ALSO_BOUGHT derived from every purchase would carry valid / test purchases into training).
+    ``codes``: the events' split codes when the caller has them (``event_split_codes``), else computed here."""
+    if codes is None:
+        codes = event_split_codes(events, pairs, _index(id_maps.get("user", [])), _index(id_maps.get("item", [])))
     return interaction_view(hetero, id_maps, events[codes == 0], also_bought_min_count)
 
 
@@ -477,6 +479,7 @@ class Recommender:
         pairs = split_pairs(ds, events, user_pos, item_pos, seed=cfg.fusion.seed)
         n_u, n_i = len(user_ids), len(item_ids)
         tr, va, te = (pairs[pairs["split"] == c] for c in (0, 1, 2))
+        codes = event_split_codes(events, pairs, user_pos, item_pos)  # per event row: its pair's split
         logger.info("pairs: train %d, valid %d, test %d", len(tr), len(va), len(te))
         if len(tr) == 0:
             raise DataError(f"{ds.root}: no training interactions; the dataset needs events")
@@ -496,7 +499,8 @@ class Recommender:
         t2 = time.perf_counter()
         model = train_model(
             n_u, n_i, tr["u"].to_numpy(), tr["i"].to_numpy(),
-            graph=training_graph(hetero, id_maps, events, pairs, cfg.kg.also_bought_min_count), text=text, image=image,
+            graph=training_graph(hetero, id_maps, events, pairs, cfg.kg.also_bought_min_count, codes), text=text,
+            image=image,
             image_present=image_present,
             valid=(va["u"].to_numpy(), va["i"].to_numpy()) if len(va) else None,
             config=cfg.fusion, progress=progress,
@@ -513,7 +517,7 @@ class Recommender:
         rec._text_encoder, rec._clip_encoder = text_enc, clip_enc
 
         # 5. ranker on valid labels, features from train-only history; 6. evaluation on test ---------------------
-        timings.update(rec._rank_and_evaluate(events, pairs))
+        timings.update(rec._rank_and_evaluate(events, pairs, codes))
         timings["total_s"] = time.perf_counter() - t0
         rec.metrics["timings"] = timings
         rec.metrics["counts"] = {"users": n_u, "items": n_i, "train_pairs": len(tr), "valid_pairs": len(va),
@@ -547,15 +551,18 @@ class Recommender:
         return {"ranker_training": self.metrics.get("ranker_training"), "test": self.metrics.get("test"),
                 "timings": timings}
 
-    def _rank_and_evaluate(self, events: pd.DataFrame, pairs: pd.DataFrame) -> dict[str, float]:
+    def _rank_and_evaluate(self, events: pd.DataFrame, pairs: pd.DataFrame, ev_split: np.ndarray | None = None
+                           ) -> dict[str, float]:
         """Fit the ranker on valid labels (features from the train history) and evaluate on test (fit's steps 5
-        and 6); replaces the ranker, its training report and the test metrics. Returns the two stages' seconds."""
+        and 6); replaces the ranker, its training report and the test metrics. Returns the two stages' seconds.
+        ``ev_split``: the events' split codes when the caller already has them (``event_split_codes``)."""
         tr, va, te = (pairs[pairs["split"] == c] for c in (0, 1, 2))
         self.ranker, self._explainer = None, None
         self.metrics.pop("ranker_training", None)
         self.metrics.pop("test", None)
         t0 = time.perf_counter()
-        ev_split = event_split_codes(events, pairs, self.user_pos, self.item_pos)
+        if ev_split is None:
+            ev_split = event_split_codes(events, pairs, self.user_pos, self.item_pos)
         if len(va):
             self.ranker = self._fit_ranker(events[ev_split == 0], events[ev_split == 1], tr)
         t1 = time.perf_counter()
