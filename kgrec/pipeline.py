@@ -437,6 +437,7 @@ class Recommender:
         self.data_fingerprint = data_fingerprint
         self._text_encoder: Any = None
         self._clip_encoder: Any = None
+        self._bundle_path: Path | None = None  # the bundle this model was loaded from / last saved to
         self._context: Any = None
         self._explainer: Any = None
         self._seen: sp.csr_matrix | None = None
@@ -875,7 +876,7 @@ class Recommender:
     def text_encoder(self) -> Any:
         if self._text_encoder is None:
             self._text_encoder, self._clip_encoder = build_encoders(self.config, None, spec=self.encoder_spec,
-                                                                    bundle=getattr(self, "_bundle_path", None))
+                                                                    bundle=self._bundle_path)
         return self._text_encoder
 
     @property
@@ -1512,10 +1513,17 @@ class Recommender:
             enc_dir = tmp / "encoders"
             enc_dir.mkdir()
             spec = dict(self.encoder_spec)
-            ckpt = spec.get("clip_checkpoint_dir")
-            if ckpt and Path(ckpt).is_dir() and not Path(ckpt).is_relative_to(tmp):
-                shutil.copytree(ckpt, enc_dir / "clip")
+            if spec.get("clip_checkpoint_dir"):
+                # a loaded bundle names its own copy relative to itself; a fresh fit names the fit-clip output
+                src = Path(spec["clip_checkpoint_dir"])
+                if not src.is_absolute() and self._bundle_path is not None:
+                    src = Path(self._bundle_path) / src
+                if not src.is_dir():
+                    raise BundleError(f"the CLIP checkpoint {src} this model was trained with is gone: cannot write a "
+                                      "bundle that needs it (restore it, or retrain with `kgrec train`)")
+                shutil.copytree(src, enc_dir / "clip")
                 spec["clip_checkpoint_dir"] = "encoders/clip"
+            saved_spec.update(spec)
             (enc_dir / "encoders.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
             data = tmp / "data"
             data.mkdir()
@@ -1525,7 +1533,10 @@ class Recommender:
             return {"components": components,
                     "dataset_root": None if self.dataset_root is None else str(Path(self.dataset_root).resolve())}
 
+        saved_spec: dict[str, Any] = {}
         out = write_bundle(path, writer, data_fingerprint=self.data_fingerprint, config_yaml=self.config.to_yaml())
+        # from now on this model's files are the new bundle's (the old one may be replaced or deleted)
+        self.encoder_spec, self._bundle_path = saved_spec, out
         logger.info("saved bundle %s", out)
         return out
 

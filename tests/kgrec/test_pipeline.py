@@ -444,3 +444,34 @@ def test_two_fits_in_separate_processes_are_bit_identical(tmp_path):
                           env=env, cwd=root, capture_output=True, text=True, timeout=600) for _ in range(2)]
     lines = [next(x for x in o.stdout.splitlines() if x.startswith("CHECKSUM")) for o in out]
     assert lines[0] == lines[1]
+
+
+def test_the_clip_checkpoint_travels_with_every_save(fitted, tmp_path, monkeypatch):
+    """A bundle keeps its fit-clip checkpoint in encoders/clip; loading it and saving again (elsewhere, in place,
+    from another working directory: what `kgrec update` does) must copy that checkpoint, not drop it."""
+    import copy
+
+    ckpt = tmp_path / "fit-clip-out"
+    ckpt.mkdir()
+    (ckpt / "clip_config.json").write_text('{"model": "tiny"}')
+    rec = copy.copy(fitted)
+    rec.encoder_spec = dict(fitted.encoder_spec, clip_checkpoint_dir=str(ckpt))
+    first = rec.save(tmp_path / "a")
+    spec = lambda b: json.loads((b / "encoders" / "encoders.json").read_text())  # noqa: E731
+    assert spec(first)["clip_checkpoint_dir"] == "encoders/clip"
+    assert (first / "encoders" / "clip" / "clip_config.json").read_text() == '{"model": "tiny"}'
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the relative name must resolve against the bundle, not the working directory
+    loaded = Recommender.load(first)
+    for target in (tmp_path / "b", first):  # a new bundle, then in place over the one it was loaded from
+        out = loaded.save(target)
+        assert spec(out)["clip_checkpoint_dir"] == "encoders/clip"
+        assert (out / "encoders" / "clip" / "clip_config.json").read_text() == '{"model": "tiny"}'
+    shutil.rmtree(tmp_path / "b")
+    assert loaded.save(tmp_path / "c") == tmp_path / "c"  # it now reads from the last bundle it saved (a)
+    gone = copy.copy(fitted)
+    gone.encoder_spec = dict(fitted.encoder_spec, clip_checkpoint_dir=str(tmp_path / "deleted"))
+    with pytest.raises(BundleError, match="CLIP checkpoint .* is gone"):
+        gone.save(tmp_path / "d")
+    assert not (tmp_path / "d").exists()
