@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 
 from kgrec.commands._common import CONFIG_OPTION, clean_errors, load_config
+from kgrec.errors import DataError
 
 neo4j_app = typer.Typer(help="A local Neo4j 5 Community server (no Docker): fetch the jars, start, stop, status.",
                         no_args_is_help=True)
@@ -169,7 +170,8 @@ def kg_load(
     dataset: Path = typer.Argument(..., help="Dataset directory (from `kgrec ingest` / `kgrec demo-data`)."),
     backend: str | None = typer.Option(None, "--backend", help="embedded | neo4j (default: kg.backend)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Embedded store directory (default: <dataset>/graph)."),
-    train_only: bool = typer.Option(False, "--train-only", help="Load only the train split's events."),
+    train_only: bool = typer.Option(False, "--train-only", help="Load only the train split's events (needs the "
+                                    "dataset's split.parquet; load into an empty store: loading only adds)."),
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Load a dataset into the graph store (idempotent: loading again changes nothing) and print the counts."""
@@ -179,6 +181,10 @@ def kg_load(
 
     cfg = load_config(config, **{"kg.backend": backend})
     ds = Dataset.open(dataset)
+    if train_only and ds.split is None:
+        raise DataError(f"{ds.root} has no split.parquet, so no train split to load: `kgrec train` splits such data "
+                        "per user by time and keeps the held-out events out of its training graph by itself; load "
+                        "without --train-only, or give the dataset a split.parquet (user_id, item_id, split)")
     store = open_store(cfg.kg, out or ds.root / "graph")
     try:
         store.load(ds, events=train_events(ds) if train_only else None)

@@ -55,6 +55,10 @@ def test_cli_kg_load_embedded(small_dataset, tmp_path):
     assert EmbeddedStore.open(out).counts() == SMALL_COUNTS
     res = runner.invoke(app, ["kg", "load", str(tmp_path / "nope"), "--out", str(out)])
     assert res.exit_code == 2 and "not a kgrec dataset" in res.output
+    # no split.parquet: --train-only has no train split to load; it says so and loads nothing
+    res = runner.invoke(app, ["kg", "load", str(small_dataset.root), "--backend", "embedded", "--out",
+                              str(tmp_path / "g2"), "--train-only"])
+    assert res.exit_code == 2 and "has no split.parquet" in res.output and not (tmp_path / "g2").exists()
 
 
 def test_cli_neo4j_status_without_server(tmp_path, monkeypatch):
