@@ -586,6 +586,9 @@ def read_native(root: Path) -> RawSource:
             raw.required = ("user_id",)
         elif name == "events":
             raw.required = ("user_id", "item_id", "type") + (("timestamp",) if "timestamp" in t.column_names else ())
+            if "timestamp" not in t.column_names:
+                notes.append(f"{path.name}: no timestamp column: every event's timestamp is empty (a per-user "
+                             "time split and the time features have nothing to go by)")
         elif name == "triples":
             raw.required = ("head", "relation", "tail")
         elif name == "links":

@@ -79,6 +79,16 @@ def test_validate_only(tmp_path):
     assert report.out is None and report.quarantined == 1
     assert report.tables["events"].reasons == {"unknown_item": 1}
     assert "unknown_item" in report.to_text()
+    assert not [n for n in report.notes if "timestamp" in n]
+    # an events file without a timestamp column is accepted (KGAT-like data), and the report says so
+    src = tmp_path / "no-time"
+    src.mkdir()
+    (src / "items.csv").write_text("item_id,title\nA,a\n")
+    (src / "events.csv").write_text("user_id,item_id,type\nu1,A,view\n")
+    report = ingest(src, None)
+    assert report.quarantined == 0 and report.tables["events"].kept == 1
+    assert [n for n in report.notes if "events.csv: no timestamp column" in n]
+    assert "no timestamp column" in report.to_text()
 
 
 def test_demo_dataset_tables_and_truth_copied(demo_dataset, demo_raw_dir):
