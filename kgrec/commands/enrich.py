@@ -62,6 +62,25 @@ def _open_store(cfg: Any, dataset: Any, graph: Path | None, bundle: Path | None)
     return store, path
 
 
+def _encoders_for(cfg: Any, bundle: Path | None) -> tuple[Any, Any]:
+    """(text, CLIP) encoders for prompts and attribute-free texts: a bundle's own (its models and fit-clip
+    checkpoint, as ``Recommender.enrich`` uses), else the configured ones. A bundle trained with encoders built in
+    code names none: the configured ones are tried (they are used only if they made the embeddings)."""
+    import json
+
+    from encoders.factory import clip_encoder_from_config, text_encoder_from_config
+
+    spec_path = None if bundle is None else Path(bundle) / "encoders" / "encoders.json"
+    if spec_path is not None and spec_path.is_file():
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        if not spec.get("custom"):
+            from kgrec.pipeline import build_encoders
+
+            return build_encoders(cfg, None, spec=spec, bundle=Path(bundle))  # type: ignore[arg-type]
+        typer.echo("the bundle's encoders were built in code: using the configured encoders")
+    return text_encoder_from_config(cfg.encoders), clip_encoder_from_config(cfg.encoders)
+
+
 @clean_errors
 def enrich_command(
     dataset: Path = typer.Argument(..., help="Dataset directory (from `kgrec ingest` / `kgrec demo-data`)."),
@@ -92,11 +111,7 @@ def enrich_command(
 
     cfg = load_config(config, **{"kg.backend": backend, "enrichment.threshold": threshold})
     ds = Dataset.open(dataset)
-    encoders: tuple[Any, Any] | None = None
-    if use_encoders:
-        from encoders.factory import clip_encoder_from_config, text_encoder_from_config
-
-        encoders = (text_encoder_from_config(cfg.encoders), clip_encoder_from_config(cfg.encoders))
+    encoders = _encoders_for(cfg, bundle) if use_encoders else None
     emb = _embeddings_for(ds, embeddings, bundle, cfg, encoders)
     text_enc = clip_enc = None
     if encoders is not None:

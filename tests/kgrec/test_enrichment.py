@@ -302,3 +302,20 @@ def test_cli_dry_run_then_write_then_rerun(demo_dataset, demo_embeddings, tmp_pa
     bad = runner.invoke(app, ["enrich", str(demo_dataset.root), "--embeddings", str(tmp_path / "nope"),
                               "--no-encoders", "--dry-run"])
     assert bad.exit_code == 2 and "kgrec encode" in bad.output
+
+
+def test_cli_enrich_uses_the_bundles_own_encoders(tmp_path):
+    """`kgrec enrich --bundle B` builds the encoders B names (as Recommender.enrich does), not the configured
+    defaults: otherwise their model ids differ from the embeddings' and the CLIP zero-shot source is lost."""
+    from encoders.clip import ClipEncoder
+    from kgrec.commands.enrich import _encoders_for
+    from kgrec.config import Config
+
+    (tmp_path / "b" / "encoders").mkdir(parents=True)
+    (tmp_path / "b" / "encoders" / "encoders.json").write_text(json.dumps(
+        {"custom": False, "text_model": None, "clip_model": "kgrec-tiny-test", "clip_checkpoint_dir": None}))
+    cfg = Config.load(env={})
+    assert cfg.encoders.clip_model != "kgrec-tiny-test"
+    text, clip = _encoders_for(cfg, tmp_path / "b")
+    assert text is None
+    assert clip.model_id == ClipEncoder("kgrec-tiny-test", device="cpu").model_id
