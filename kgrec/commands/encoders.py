@@ -71,7 +71,7 @@ def encode_command(
 def fit_clip_command(
     dataset: Path = typer.Argument(..., help="Dataset directory with images."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write (replaced atomically)."),
-    model: str | None = typer.Option(None, "--model", help="open_clip config name [encoders.clip_model]."),
+    model: str | None = typer.Option(None, "--model", help="open_clip config name (default: the configured encoders.clip_model)."),
     pretrained: str | None = typer.Option(None, "--pretrained", help="open_clip tag or local checkpoint file."),
     mode: str = typer.Option("auto", "--mode", help="auto | heads (frozen trunks, cached features) | full"),
     top_blocks: int = typer.Option(0, "--top-blocks", min=0, help="heads mode: also train the last N EfficientNet blocks."),
@@ -103,7 +103,7 @@ def fit_clip_command(
 def fit_text_command(
     dataset: Path = typer.Argument(..., help="Dataset directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write (a Hugging Face model dir)."),
-    model: str | None = typer.Option(None, "--model", help="Base text model [encoders.text_model]."),
+    model: str | None = typer.Option(None, "--model", help="Base text model (default: the configured encoders.text_model)."),
     epochs: int = typer.Option(4, "--epochs", min=1),
     batch_size: int = typer.Option(32, "--batch-size", min=2),
     lr: float = typer.Option(3e-5, "--lr"),

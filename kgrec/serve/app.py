@@ -30,6 +30,7 @@ several processes (``kgrec serve --workers N``, each loads the bundle: see :func
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import mimetypes
@@ -467,6 +468,11 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         """The catalog record of one item (title, description, brand, category, attributes, price, image)."""
         row = _item_row(item_id)
         out = {str(c): _cell(row[c]) for c in row.index}
+        if isinstance(out.get("attributes"), str):  # stored as JSON object text: served as the object it is
+            try:
+                out["attributes"] = json.loads(out["attributes"])
+            except ValueError:
+                logger.warning("item %r attributes are not JSON; served as text", item_id)
         out["image_url"] = _image_url(item_id, out.get("image"))
         return out
 

@@ -221,6 +221,7 @@ def test_item_record_and_image(client, serve_recommender, demo_dataset):
     body = r.json()
     assert body["item_id"] == row["item_id"] and body["title"] == row["title"]
     assert body["image_url"] == f"/items/{row['item_id']}/image"
+    assert body["attributes"] == json.loads(row["attributes"]) and body["attributes"]  # an object, not JSON text
     img = client.get(body["image_url"])
     assert img.status_code == 200 and img.headers["content-type"].startswith("image/")
     assert img.content == (demo_dataset.root / row["image"]).read_bytes()
