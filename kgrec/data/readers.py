@@ -484,12 +484,14 @@ def _set(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.T
 
 
 def _reject_rows(raw: RawTable, table: pa.Table, messages: dict[int, str]) -> pa.Table:
-    """``table`` without the rows in ``messages`` (row -> reason text), which join ``raw.rejected`` as malformed."""
+    """``table`` without the rows in ``messages`` (row -> message), which join ``raw.rejected`` as ``bad_type``:
+    their attributes name one attribute twice with different values (the JSON column against an ``attr_``
+    column, or two spellings of one name) — the reason the validator gives such a clash inside the JSON."""
     if not messages:
         return table
     files, lines = table.column(FILE_COL).to_pylist(), table.column(LINE_COL).to_pylist()
     for r, msg in sorted(messages.items()):
-        raw.rejected.append(_reject(files[r], lines[r], "malformed_row", f"{files[r]} line {lines[r]}: {msg}",
+        raw.rejected.append(_reject(files[r], lines[r], "bad_type", f"{files[r]} line {lines[r]}: {msg}",
                                     {k: v for k, v in table.slice(r, 1).to_pylist()[0].items()
                                      if k not in (FILE_COL, LINE_COL)}))
     keep = np.ones(table.num_rows, dtype=bool)

@@ -47,7 +47,8 @@ REASONS: dict[str, str] = {
     "invalid_utf8": "a value is not valid UTF-8",
     "missing_required": "a required field is empty, null or NaN",
     "too_long": "an id or text is longer than the configured maximum",
-    "bad_type": "a value has the wrong type (number expected, attributes not a flat JSON object)",
+    "bad_type": "a value has the wrong type (number expected, attributes not a flat JSON object or naming one "
+                "attribute twice with different values)",
     "invalid_value": "a value is outside its allowed set or range (negative price, split not train/valid/test)",
     "invalid_event_type": "event type is not one of view, click, cart, purchase, rating",
     "bad_timestamp": "timestamp cannot be parsed or is outside the allowed range",

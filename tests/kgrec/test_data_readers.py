@@ -234,6 +234,6 @@ def test_attr_column_and_attributes_json_disagreeing_reject_the_row(tmp_path):
     assert {it.item_id: it.attributes for it in ds.iter_items()} == {
         "B": {"colour": "red"}, "C": {"colour": "green", "size": "XL"}}
     q = pq.read_table(tmp_path / "ds" / "quarantine" / "items.parquet").to_pylist()
-    assert [(r["line"], r["reason"]) for r in q] == [(2, "malformed_row"), (5, "malformed_row")]
+    assert [(r["line"], r["reason"]) for r in q] == [(2, "bad_type"), (5, "bad_type")]  # as a clash inside JSON
     assert "'colour' is 'blue' in its column but 'red' in the attributes JSON" in q[0]["message"]
     assert report.tables["items"].read == 4 and report.tables["items"].quarantined == 2
