@@ -4,8 +4,8 @@ full``), orders of magnitude faster than batched ``UNWIND ... MERGE`` for millio
 The importer writes the store files directly, so it runs BEFORE the server starts, on a home whose ``neo4j``
 database does not exist yet (or with ``overwrite=True``). The graph it writes is the one every ``GraphStore`` builds
 (``kg.loading.build_graph_rows``): node key property ``id`` (string) per label, relationship properties as in
-``kg.schema``; the server is then started and ``Neo4jStore`` reads it like a MERGE-loaded graph (its constructor
-adds the ``id`` uniqueness constraints on the imported nodes).
+``kg.schema``; the server is then started and the ``id`` uniqueness constraints added (by ``Neo4jStore``'s constructor,
+as for a MERGE-loaded graph), so ``Neo4jStore`` reads it like a MERGE-loaded graph.
 
 CSV layout (one header file + one data file per label / type, RFC-4180 quoting)::
 
@@ -201,7 +201,8 @@ def bulk_import(
     if db_dir.exists() and not overwrite:
         raise GraphStoreError(
             f"a 'neo4j' database already exists in {server.home / 'data'}; bulk import only creates new databases "
-            "(pass overwrite=True to replace it, or load incrementally with Neo4jStore.load)"
+            "(replace it with overwrite=True — `kgrec neo4j import --overwrite` — or load incrementally with "
+            "Neo4jStore.load — `kgrec kg load --backend neo4j`)"
         )
     fetch(server.version)
     if server.port is None:
@@ -249,6 +250,11 @@ def bulk_import(
     if start:
         t2 = time.perf_counter()
         server.start()
+        from kg.neo4j_store import Neo4jStore
+
+        # the importer writes no schema: the id uniqueness constraints the MERGE-loaded graph has are added now,
+        # not at the first connection
+        Neo4jStore(server.uri, server.user, server.password, progress=False).close()
         start_s = time.perf_counter() - t2
     return {"written": written, "csv_s": csv_s, "import_s": import_s, "start_s": start_s,
             "store_bytes": store_bytes, "importer_output": proc.stdout[-2000:]}

@@ -245,7 +245,8 @@ class Dataset:
         mf = root / "manifest.json"
         if not mf.is_file():
             raise DatasetNotFoundError(
-                f"{root} is not a kgrec dataset (no manifest.json); create one with `kgrec ingest` or `kgrec demo-data`"
+                f"{root} is not a kgrec dataset (no manifest.json); create one with `kgrec ingest SRC --out DIR` "
+                "or `kgrec demo-data OUT --ingest-to DIR`"
             )
         manifest = json.loads(mf.read_text(encoding="utf-8"))
         version = manifest.get("schema_version")

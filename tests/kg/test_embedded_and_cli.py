@@ -87,6 +87,11 @@ def test_cli_neo4j_import_bulk_loads_then_serves(small_dataset, tmp_path, monkey
         assert state is not None and "imported" in res.output and state["uri"] in res.output
         with open(state["password_file"], encoding="utf-8") as fh:
             password = fh.read().strip()
+        from neo4j import GraphDatabase
+
+        with GraphDatabase.driver(state["uri"], auth=(state["user"], password)) as driver:  # before any Neo4jStore
+            names = {r["name"] for r in driver.execute_query("SHOW CONSTRAINTS YIELD name RETURN name").records}
+        assert {"kgrec_item_id", "kgrec_user_id"} <= names  # the import adds the MERGE-loaded graph's constraints
         store = Neo4jStore(state["uri"], state["user"], password)
         try:
             expected = EmbeddedStore()
