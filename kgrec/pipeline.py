@@ -1506,8 +1506,10 @@ class Recommender:
             else:
                 from kgrec.config import neo4j_settings
 
-                s = neo4j_settings(self.config.kg)
-                graph = {"backend": "neo4j", "uri": s["uri"], "database": s["database"], "user": s["user"]}
+                s = neo4j_settings(self.config.kg)  # the server this model's store talks to (no password)
+                graph = {"backend": "neo4j", "uri": getattr(self.store, "uri", s["uri"]),
+                         "database": getattr(self.store, "database", s["database"]),
+                         "user": getattr(self.store, "user", s["user"])}
             (tmp / "graph").mkdir(exist_ok=True)
             (tmp / "graph" / "graph.json").write_text(json.dumps(graph, indent=2), encoding="utf-8")
             enc_dir = tmp / "encoders"
@@ -1576,7 +1578,13 @@ class Recommender:
             store = EmbeddedStore.open(root / "graph", also_bought_min_count=cfg.kg.also_bought_min_count)
         else:
             from kg.neo4j_store import Neo4jStore
+            from kgrec.config import neo4j_settings
 
+            if not neo4j_settings(cfg.kg)["uri"] and graph.get("uri"):
+                # nothing names a server: the one this bundle was trained on (graph.json; the password stays in env)
+                cfg.kg.uri, cfg.kg.user = graph["uri"], graph.get("user") or cfg.kg.user
+                cfg.kg.database = graph.get("database") or cfg.kg.database
+                logger.info("NEO4J_URI is not set: using the bundle's graph server %s", cfg.kg.uri)
             store = Neo4jStore.from_config(cfg.kg)
         hetero, id_maps = store.to_hetero_data()
         user_ids = read_idmap(root / "idmaps" / "users.parquet")

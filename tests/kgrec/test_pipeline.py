@@ -475,3 +475,28 @@ def test_the_clip_checkpoint_travels_with_every_save(fitted, tmp_path, monkeypat
     with pytest.raises(BundleError, match="CLIP checkpoint .* is gone"):
         gone.save(tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.neo4j
+def test_a_neo4j_bundle_finds_its_server_without_neo4j_uri(fitted, tiny_encoders, neo4j_store, neo4j_server,
+                                                             demo_dataset, tmp_path, monkeypatch):
+    """A bundle whose graph lives in Neo4j records the server (graph.json: address, database, user; never the
+    password); loading it with NEO4J_URI unset uses that server (the password still comes from NEO4J_PASSWORD)."""
+    import copy
+
+    neo4j_store.load(demo_dataset)
+    rec = copy.copy(fitted)
+    rec.store = neo4j_store
+    monkeypatch.delenv("NEO4J_URI", raising=False)
+    path = rec.save(tmp_path / "neo")
+    graph = json.loads((path / "graph" / "graph.json").read_text())
+    assert graph == {"backend": "neo4j", "uri": neo4j_server.uri, "database": "neo4j", "user": neo4j_server.user}
+    assert neo4j_server.password not in "".join(p.read_text(errors="ignore") for p in path.rglob("*.json"))
+    monkeypatch.setenv("NEO4J_PASSWORD", neo4j_server.password)
+    again = Recommender.load(path, encoders=tiny_encoders)
+    try:
+        assert again.store.uri == neo4j_server.uri
+        user = fitted.user_ids[5]
+        assert [r.item_id for r in again.recommend(user, 5)] == [r.item_id for r in fitted.recommend(user, 5)]
+    finally:
+        again.store.close()
