@@ -253,8 +253,12 @@ def bulk_import(
         from kg.neo4j_store import Neo4jStore
 
         # the importer writes no schema: the id uniqueness constraints the MERGE-loaded graph has are added now,
-        # not at the first connection
-        Neo4jStore(server.uri, server.user, server.password, progress=False).close()
+        # not at the first connection; if that fails, the server is stopped (no JVM left that nothing tracks)
+        try:
+            Neo4jStore(server.uri, server.user, server.password, progress=False).close()
+        except BaseException:
+            server.stop()
+            raise
         start_s = time.perf_counter() - t2
     return {"written": written, "csv_s": csv_s, "import_s": import_s, "start_s": start_s,
             "store_bytes": store_bytes, "importer_output": proc.stdout[-2000:]}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -437,7 +438,7 @@ class Recommender:
         self.data_fingerprint = data_fingerprint
         self._text_encoder: Any = None
         self._clip_encoder: Any = None
-        self._bundle_path: Path | None = None  # the bundle this model was loaded from / last saved to
+        self._bundle_path: Path | None = None  # the bundle this model was loaded from (absolute)
         self._context: Any = None
         self._explainer: Any = None
         self._seen: sp.csr_matrix | None = None
@@ -1525,7 +1526,6 @@ class Recommender:
                                       "bundle that needs it (restore it, or retrain with `kgrec train`)")
                 shutil.copytree(src, enc_dir / "clip")
                 spec["clip_checkpoint_dir"] = "encoders/clip"
-            saved_spec.update(spec)
             (enc_dir / "encoders.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
             data = tmp / "data"
             data.mkdir()
@@ -1535,10 +1535,7 @@ class Recommender:
             return {"components": components,
                     "dataset_root": None if self.dataset_root is None else str(Path(self.dataset_root).resolve())}
 
-        saved_spec: dict[str, Any] = {}
         out = write_bundle(path, writer, data_fingerprint=self.data_fingerprint, config_yaml=self.config.to_yaml())
-        # from now on this model's files are the new bundle's (the old one may be replaced or deleted)
-        self.encoder_spec, self._bundle_path = saved_spec, out
         logger.info("saved bundle %s", out)
         return out
 
@@ -1578,10 +1575,10 @@ class Recommender:
             store = EmbeddedStore.open(root / "graph", also_bought_min_count=cfg.kg.also_bought_min_count)
         else:
             from kg.neo4j_store import Neo4jStore
-            from kgrec.config import neo4j_settings
 
-            if not neo4j_settings(cfg.kg)["uri"] and graph.get("uri"):
-                # nothing names a server: the one this bundle was trained on (graph.json; the password stays in env)
+            if not os.environ.get("NEO4J_URI") and graph.get("uri"):
+                # the server this bundle's store used (graph.json), over its config.yaml; NEO4J_URI still wins
+                # and the password only ever comes from NEO4J_PASSWORD
                 cfg.kg.uri, cfg.kg.user = graph["uri"], graph.get("user") or cfg.kg.user
                 cfg.kg.database = graph.get("database") or cfg.kg.database
                 logger.info("NEO4J_URI is not set: using the bundle's graph server %s", cfg.kg.uri)
@@ -1600,7 +1597,7 @@ class Recommender:
             encoder_spec=json.loads((root / "encoders" / "encoders.json").read_text(encoding="utf-8")),
             data_fingerprint=info.manifest.get("data_fingerprint", ""),
         )
-        rec._bundle_path = root
+        rec._bundle_path = Path(root).resolve()  # relative checkpoint names resolve here, whatever the cwd later
         if encoders is not None:
             rec._text_encoder, rec._clip_encoder = encoders
         return rec
@@ -1622,7 +1619,7 @@ def build_encoders(cfg: Config, dataset: Dataset | None, *, spec: dict[str, Any]
                    bundle: Path | None = None) -> tuple[Any, Any]:
     """(text encoder, CLIP encoder) from the config, or from a bundle's encoder spec."""
     from encoders.clip import ClipEncoder
-    from encoders.text import TextEncoder
+    from encoders.factory import text_encoder_from_config
 
     ec = cfg.encoders
     spec = spec or {}
@@ -1632,8 +1629,9 @@ def build_encoders(cfg: Config, dataset: Dataset | None, *, spec: dict[str, Any]
             "Recommender.load(path, encoders=(text_encoder, clip_encoder)) to search or to update it"
         )
     text_model = spec.get("text_model", ec.text_model)
-    text = TextEncoder(text_model, max_length=ec.text_max_length, batch_size=ec.text_batch_size, device=ec.device) \
-        if text_model else None
+    text = None
+    if text_model:  # through the factory: it also knows "static:<DIR or base>" models
+        text = text_encoder_from_config(ec.model_copy(update={"text_model": text_model}))
     ckpt = spec.get("clip_checkpoint_dir", ec.clip_checkpoint)
     if ckpt and bundle is not None and not Path(ckpt).is_absolute():
         ckpt = str(bundle / ckpt)

@@ -74,9 +74,16 @@ def _encoders_for(cfg: Any, bundle: Path | None) -> tuple[Any, Any]:
     if spec_path is not None and spec_path.is_file():
         spec = json.loads(spec_path.read_text(encoding="utf-8"))
         if not spec.get("custom"):
+            import yaml
+
+            from kgrec.config import Config
             from kgrec.pipeline import build_encoders
 
-            return build_encoders(cfg, None, spec=spec, bundle=Path(bundle))  # type: ignore[arg-type]
+            # the bundle's own settings (max length, pretrained tag ... are part of the model ids), as load() uses
+            bundle_cfg_path = Path(bundle) / "config.yaml"  # type: ignore[arg-type]
+            if bundle_cfg_path.is_file():
+                cfg = Config.model_validate(yaml.safe_load(bundle_cfg_path.read_text(encoding="utf-8")))
+            return build_encoders(cfg, None, spec=spec, bundle=Path(bundle).resolve())  # type: ignore[arg-type]
         typer.echo("the bundle's encoders were built in code: using the configured encoders")
     return text_encoder_from_config(cfg.encoders), clip_encoder_from_config(cfg.encoders)
 
@@ -116,13 +123,18 @@ def enrich_command(
     text_enc = clip_enc = None
     if encoders is not None:
         # the prompts and the attribute-free texts must live in the same spaces as the embeddings
-        if emb.model_ids.get("text") == encoders[0].model_id:
-            text_enc = encoders[0]
+        text_model, clip_model = encoders  # None where the bundle / config names no such model
+        if text_model is None:
+            typer.echo("no text encoder: the classifier reads the stored text vectors")
+        elif emb.model_ids.get("text") == text_model.model_id:
+            text_enc = text_model
         else:
             typer.echo("text encoder differs from the one that made the embeddings: "
                        "the classifier reads the stored text vectors")
-        if emb.model_ids.get("clip") == encoders[1].model_id:
-            clip_enc = encoders[1]
+        if clip_model is None:
+            typer.echo("no CLIP encoder: no zero-shot source")
+        elif emb.model_ids.get("clip") == clip_model.model_id:
+            clip_enc = clip_model
         else:
             typer.echo("CLIP encoder differs from the one that made the embeddings: no zero-shot source")
     store, store_path = (None, None) if dry_run else _open_store(cfg, ds, graph, bundle)

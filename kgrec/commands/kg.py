@@ -181,7 +181,7 @@ def kg_load(
 
     cfg = load_config(config, **{"kg.backend": backend})
     ds = Dataset.open(dataset)
-    if train_only and ds.split is None:
+    if train_only and not ds.has_split:
         raise DataError(f"{ds.root} has no split.parquet, so no train split to load: `kgrec train` splits such data "
                         "per user by time and keeps the held-out events out of its training graph by itself; load "
                         "without --train-only, or give the dataset a split.parquet (user_id, item_id, split)")

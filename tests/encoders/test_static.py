@@ -80,6 +80,16 @@ def test_save_load_identical_and_config_selects_it(static, tmp_path):
     assert loaded.model_id == static.model_id
     enc = text_encoder_from_config(EncodersConfig(text_model=f"static:{tmp_path / 'st'}"))
     np.testing.assert_array_equal(enc.encode(texts), static.encode(texts))
+    # the app's wiring (kgrec train, a bundle's encoders) goes through the same factory
+    from kgrec.config import Config
+    from kgrec.pipeline import build_encoders
+
+    cfg = Config.load(env={}, overrides={"encoders.text_model": f"static:{tmp_path / 'st'}", "encoders.clip_model": ""})
+    text, clip = build_encoders(cfg, None)
+    assert clip is None and text.model_id == static.model_id
+    spec = {"text_model": f"static:{tmp_path / 'st'}", "clip_model": None}  # a bundle's encoders.json
+    text, _ = build_encoders(Config.load(env={}), None, spec=spec)
+    np.testing.assert_array_equal(text.encode(texts), static.encode(texts))
 
 
 def test_corpus_weights_and_errors(static, tmp_path):

@@ -304,18 +304,39 @@ def test_cli_dry_run_then_write_then_rerun(demo_dataset, demo_embeddings, tmp_pa
     assert bad.exit_code == 2 and "kgrec encode" in bad.output
 
 
-def test_cli_enrich_uses_the_bundles_own_encoders(tmp_path):
-    """`kgrec enrich --bundle B` builds the encoders B names (as Recommender.enrich does), not the configured
-    defaults: otherwise their model ids differ from the embeddings' and the CLIP zero-shot source is lost."""
+def test_cli_enrich_uses_the_bundles_own_encoders(demo_dataset, demo_embeddings, tmp_path):
+    """`kgrec enrich --bundle B` builds the encoders B names, with B's own settings (as Recommender.enrich does),
+    not the configured defaults: otherwise their model ids differ from the embeddings' and the CLIP zero-shot
+    source is lost. A bundle without a text (or CLIP) model is fine."""
+    from typer.testing import CliRunner
+
     from encoders.clip import ClipEncoder
+    from encoders.text import TextEncoder
+    from kgrec.cli import app
     from kgrec.commands.enrich import _encoders_for
     from kgrec.config import Config
 
-    (tmp_path / "b" / "encoders").mkdir(parents=True)
-    (tmp_path / "b" / "encoders" / "encoders.json").write_text(json.dumps(
-        {"custom": False, "text_model": None, "clip_model": "kgrec-tiny-test", "clip_checkpoint_dir": None}))
+    def bundle(name: str, spec: dict, **encoders: object) -> Path:
+        (tmp_path / name / "encoders").mkdir(parents=True)
+        (tmp_path / name / "encoders" / "encoders.json").write_text(json.dumps({"custom": False, **spec}))
+        cfg = Config.load(env={})
+        cfg.encoders = cfg.encoders.model_copy(update=encoders)
+        (tmp_path / name / "config.yaml").write_text(cfg.to_yaml())
+        return tmp_path / name
+
     cfg = Config.load(env={})
-    assert cfg.encoders.clip_model != "kgrec-tiny-test"
-    text, clip = _encoders_for(cfg, tmp_path / "b")
-    assert text is None
-    assert clip.model_id == ClipEncoder("kgrec-tiny-test", device="cpu").model_id
+    assert cfg.encoders.clip_model != "kgrec-tiny-test" and cfg.encoders.text_max_length != 77
+    text, clip = _encoders_for(cfg, bundle("clip-only", {"text_model": None, "clip_model": "kgrec-tiny-test",
+                                                         "clip_checkpoint_dir": None}))
+    assert text is None and clip.model_id == ClipEncoder("kgrec-tiny-test", device="cpu").model_id
+    text, clip = _encoders_for(cfg, bundle("text-only", {"text_model": cfg.encoders.text_model, "clip_model": None},
+                                           text_max_length=77))
+    assert clip is None and text.max_length == 77  # the bundle's setting, not the CLI config's
+    assert text.model_id == TextEncoder(cfg.encoders.text_model, max_length=77).model_id
+
+    emb_dir = tmp_path / "emb"
+    demo_embeddings.save(emb_dir)
+    res = CliRunner().invoke(app, ["enrich", str(demo_dataset.root), "--bundle", str(tmp_path / "clip-only"),
+                                   "--embeddings", str(emb_dir), "--dry-run", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "no text encoder" in res.output and (tmp_path / "out" / "enrichment.parquet").is_file()

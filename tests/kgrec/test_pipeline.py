@@ -447,8 +447,8 @@ def test_two_fits_in_separate_processes_are_bit_identical(tmp_path):
 
 
 def test_the_clip_checkpoint_travels_with_every_save(fitted, tmp_path, monkeypatch):
-    """A bundle keeps its fit-clip checkpoint in encoders/clip; loading it and saving again (elsewhere, in place,
-    from another working directory: what `kgrec update` does) must copy that checkpoint, not drop it."""
+    """A bundle keeps its fit-clip checkpoint in encoders/clip; loading it (by a relative path) and saving again —
+    in place (what `kgrec update B` does), elsewhere, from another working directory — must copy that checkpoint."""
     import copy
 
     ckpt = tmp_path / "fit-clip-out"
@@ -460,16 +460,17 @@ def test_the_clip_checkpoint_travels_with_every_save(fitted, tmp_path, monkeypat
     spec = lambda b: json.loads((b / "encoders" / "encoders.json").read_text())  # noqa: E731
     assert spec(first)["clip_checkpoint_dir"] == "encoders/clip"
     assert (first / "encoders" / "clip" / "clip_config.json").read_text() == '{"model": "tiny"}'
+    monkeypatch.chdir(tmp_path)
+    loaded = Recommender.load("a")  # a relative path: checkpoint names must resolve against the bundle, not the cwd
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)  # the relative name must resolve against the bundle, not the working directory
-    loaded = Recommender.load(first)
-    for target in (tmp_path / "b", first):  # a new bundle, then in place over the one it was loaded from
+    monkeypatch.chdir(elsewhere)
+    for target in (first, tmp_path / "b"):  # in place over its own bundle (`kgrec update B`), then a new one
         out = loaded.save(target)
         assert spec(out)["clip_checkpoint_dir"] == "encoders/clip"
         assert (out / "encoders" / "clip" / "clip_config.json").read_text() == '{"model": "tiny"}'
-    shutil.rmtree(tmp_path / "b")
-    assert loaded.save(tmp_path / "c") == tmp_path / "c"  # it now reads from the last bundle it saved (a)
+    shutil.rmtree(tmp_path / "b")  # an export deleted later does not concern the model: it still reads from a
+    assert (loaded.save(tmp_path / "c") / "encoders" / "clip" / "clip_config.json").is_file()
     gone = copy.copy(fitted)
     gone.encoder_spec = dict(fitted.encoder_spec, clip_checkpoint_dir=str(tmp_path / "deleted"))
     with pytest.raises(BundleError, match="CLIP checkpoint .* is gone"):
