@@ -1576,12 +1576,7 @@ class Recommender:
         else:
             from kg.neo4j_store import Neo4jStore
 
-            if not os.environ.get("NEO4J_URI") and graph.get("uri"):
-                # the server this bundle's store used (graph.json), over its config.yaml; NEO4J_URI still wins
-                # and the password only ever comes from NEO4J_PASSWORD
-                cfg.kg.uri, cfg.kg.user = graph["uri"], graph.get("user") or cfg.kg.user
-                cfg.kg.database = graph.get("database") or cfg.kg.database
-                logger.info("NEO4J_URI is not set: using the bundle's graph server %s", cfg.kg.uri)
+            use_bundle_graph(cfg.kg, graph)
             store = Neo4jStore.from_config(cfg.kg)
         hetero, id_maps = store.to_hetero_data()
         user_ids = read_idmap(root / "idmaps" / "users.parquet")
@@ -1608,6 +1603,16 @@ class Recommender:
 
 
 # ---------------------------------------------------------------------------------------------------- wiring
+def use_bundle_graph(kg: Any, graph: dict[str, Any]) -> None:
+    """Point the ``kg`` config section at the Neo4j server a bundle's store used (``graph/graph.json``: URI,
+    database, user) when ``NEO4J_URI`` is not set; it wins over the bundle's config.yaml. The password only ever
+    comes from ``NEO4J_PASSWORD``. Nothing changes for an embedded bundle."""
+    if graph.get("backend") == "neo4j" and graph.get("uri") and not os.environ.get("NEO4J_URI"):
+        kg.uri, kg.user = graph["uri"], graph.get("user") or kg.user
+        kg.database = graph.get("database") or kg.database
+        logger.info("NEO4J_URI is not set: using the bundle's graph server %s", kg.uri)
+
+
 def open_store(cfg: Config, path: str | Path | None = None) -> Any:
     """The configured ``GraphStore`` (see ``kg.factory.open_store``)."""
     from kg.factory import open_store as _open

@@ -92,7 +92,8 @@ def _encoders_for(cfg: Any, bundle: Path | None) -> tuple[Any, Any]:
 def enrich_command(
     dataset: Path = typer.Argument(..., help="Dataset directory (from `kgrec ingest` / `kgrec demo-data`)."),
     bundle: Path | None = typer.Option(None, "--bundle", "-b",
-                                       help="A `kgrec train` bundle: its embeddings and (embedded) graph are used."),
+                                       help="A `kgrec train` bundle: its encoders, embeddings and graph (its directory, "
+                                            "or the Neo4j server it names when NEO4J_URI is unset) are used."),
     embeddings: Path | None = typer.Option(
         None, "--embeddings",
         help="Item embeddings from `kgrec encode` (default: the bundle's, else DATASET/embeddings, else encode now)."),
@@ -118,6 +119,17 @@ def enrich_command(
 
     cfg = load_config(config, **{"kg.backend": backend, "enrichment.threshold": threshold})
     ds = Dataset.open(dataset)
+    graph_json = None if bundle is None else Path(bundle) / "graph" / "graph.json"
+    if graph_json is not None and graph_json.is_file():
+        import json
+
+        from kgrec.pipeline import use_bundle_graph
+
+        info = json.loads(graph_json.read_text(encoding="utf-8"))
+        if backend is None and graph is None:  # write where the bundle's graph lives
+            cfg.kg.backend = info.get("backend", cfg.kg.backend)
+        if cfg.kg.backend == "neo4j":
+            use_bundle_graph(cfg.kg, info)
     encoders = _encoders_for(cfg, bundle) if use_encoders else None
     emb = _embeddings_for(ds, embeddings, bundle, cfg, encoders)
     text_enc = clip_enc = None

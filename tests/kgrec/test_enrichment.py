@@ -340,3 +340,32 @@ def test_cli_enrich_uses_the_bundles_own_encoders(demo_dataset, demo_embeddings,
                                    "--embeddings", str(emb_dir), "--dry-run", "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert "no text encoder" in res.output and (tmp_path / "out" / "enrichment.parquet").is_file()
+
+
+@pytest.mark.neo4j
+def test_cli_enrich_with_a_neo4j_bundle_writes_to_its_server(demo_dataset, demo_embeddings, neo4j_store, neo4j_server,
+                                                            tmp_path, monkeypatch):
+    """`kgrec enrich DS --bundle B` with B's graph in Neo4j writes back to the server B's graph.json names (no
+    --backend, NEO4J_URI unset; password from NEO4J_PASSWORD), with provenance on every record."""
+    from typer.testing import CliRunner
+
+    from kgrec.cli import app
+
+    neo4j_store.load(demo_dataset)
+    before = neo4j_store.counts()
+    b = tmp_path / "b"
+    (b / "graph").mkdir(parents=True)
+    (b / "graph" / "graph.json").write_text(json.dumps(
+        {"backend": "neo4j", "uri": neo4j_server.uri, "database": "neo4j", "user": neo4j_server.user}))
+    demo_embeddings.save(tmp_path / "emb")
+    monkeypatch.delenv("NEO4J_URI", raising=False)
+    monkeypatch.setenv("NEO4J_PASSWORD", neo4j_server.password)
+    res = CliRunner().invoke(app, ["enrich", str(demo_dataset.root), "--bundle", str(b), "--embeddings",
+                                   str(tmp_path / "emb"), "--no-encoders", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    after = neo4j_store.counts()
+    assert after["SIMILAR_TO"] > before.get("SIMILAR_TO", 0)
+    assert not (b / "graph" / "nodes.parquet").exists()  # nothing went to an embedded store in the bundle
+    rows = neo4j_store._read("MATCH ()-[r:SIMILAR_TO]->() RETURN count(r) AS n, "
+                             "count(r.confidence) AS c, count(r.run_id) AS runs")
+    assert rows[0]["n"] == rows[0]["c"] == rows[0]["runs"] == after["SIMILAR_TO"]
