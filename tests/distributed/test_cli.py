@@ -27,6 +27,20 @@ def test_validate_events_local_and_dask_agree(demo_dataset, tmp_path: Path) -> N
     assert sorted(map(str, outs["local"].to_pylist())) == sorted(map(str, outs["dask"].to_pylist()))
 
 
+def test_relative_paths_reach_workers_that_run_elsewhere(demo_dataset, tmp_path: Path, monkeypatch) -> None:
+    """Workers of a running scheduler resolve paths in their own working directory: the CLI sends absolute ones."""
+    from distributed import LocalCluster
+
+    events = pq.read_table(demo_dataset.root / "events.parquet")
+    pq.write_table(events, tmp_path / "raw_events.parquet")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        monkeypatch.chdir(tmp_path)  # the workers keep the directory they started in
+        res = runner.invoke(app, ["validate-events", "raw_events.parquet", "--dataset", str(demo_dataset.root),
+                                  "--engine", "dask", "--scheduler", cluster.scheduler_address, "--out", "v.parquet"])
+        assert res.exit_code == 0, res.output
+        assert pq.read_table(tmp_path / "v.parquet").num_rows == events.num_rows
+
+
 def test_encode_dask_local_engine_writes_embeddings(demo_dataset, tmp_path: Path) -> None:
     from encoders.items import ItemEmbeddings
 
