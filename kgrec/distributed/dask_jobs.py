@@ -208,7 +208,7 @@ def validate_events_dask(
     if isinstance(events, (str, Path)):
         import pyarrow.parquet as pq
 
-        path = str(events)
+        path = str(Path(events).resolve())  # workers resolve relative paths in their own working directory
         try:
             meta = pq.ParquetFile(path).metadata
         except (OSError, pa.ArrowInvalid) as exc:
@@ -363,7 +363,7 @@ def encode_items_dask(client: Any, items_parquet: str | Path, spec: TextEncoderS
     import pyarrow.parquet as pq
 
     model_id = ensure_text_encoders(client, spec)
-    path = str(items_parquet)
+    path = str(Path(items_parquet).resolve())  # workers resolve relative paths in their own working directory
     groups = pq.ParquetFile(path).metadata.num_row_groups
     parts = client.gather([client.submit(_encode_item_partition, path, g, pure=False) for g in range(groups)])
     ids = [i for p in parts for i in p[0]]
@@ -421,6 +421,14 @@ def build_features_dask(
     candidates = np.asarray(candidates, dtype=np.int64)
     if candidates.ndim != 2 or candidates.shape[0] != len(user_index):
         raise ValueError(f"candidates must be (n_users, C) for {len(user_index)} users, got {candidates.shape}")
+    # A retrieval scorer (a Recommender's context has one: its GNN + EASE scores) lives with the model on this
+    # machine and cannot be shipped: the workers build every other column, its gnn_score column is scored here.
+    scorer = getattr(context, "retrieval_scorer", None)
+    if scorer is not None:
+        import copy
+
+        context = copy.copy(context)  # not dataclasses.replace: that would re-run __post_init__ (renormalising)
+        context.retrieval_scorer = None
     if register:
         client.register_plugin(FeatureBuilderPlugin(context), name=FEATURE_PLUGIN)
     q = None if query_vectors is None else np.asarray(query_vectors, dtype=np.float32)
@@ -432,6 +440,9 @@ def build_features_dask(
     ]
     parts = client.gather(futures)
     X = np.concatenate(parts) if parts else np.zeros((0, len(FeatureBuilder.names)), np.float32)
+    if scorer is not None and len(X):
+        X[:, FeatureBuilder.names.index("gnn_score")] = np.asarray(scorer(user_index, candidates),
+                                                                   dtype=np.float32).ravel()
     return FeatureMatrix(X=X, names=FeatureBuilder.names, user_index=user_index, candidates=candidates)
 
 

@@ -202,6 +202,31 @@ def test_feature_matrices_identical_to_single_process(client, ranking_setup) -> 
     assert np.isfinite(out_q.column("query_similarity")).all()
 
 
+def test_a_context_with_a_retrieval_scorer_is_built_on_workers_and_scored_here(client, ranking_setup) -> None:
+    """A Recommender's context scores gnn_score with its model (a bound method holding locks: not picklable):
+    the workers build the other columns and the scorer fills gnn_score here, identical to the one-process build."""
+    import copy
+    import threading
+
+    from ranking.features import FeatureBuilder
+
+    world, ctx, cand, _, _ = ranking_setup
+    lock = threading.Lock()  # what makes a Recommender's bound method unpicklable
+
+    def scorer(u: np.ndarray, c: np.ndarray) -> np.ndarray:
+        with lock:
+            return np.einsum("nd,ncd->nc", ctx.user_vectors[u], ctx.item_vectors[c]) + 0.5 * c
+
+    scored = copy.copy(ctx)
+    scored.retrieval_scorer = scorer
+    users = np.arange(60)
+    ref = FeatureBuilder(scored).build(users, cand[:60])
+    out = build_features_dask(client, scored, users, cand[:60], users_per_partition=25)
+    np.testing.assert_array_equal(np.nan_to_num(out.X), np.nan_to_num(ref.X))
+    np.testing.assert_allclose(out.column("gnn_score"), ref.column("gnn_score"))
+    assert not np.allclose(out.column("gnn_score"), FeatureBuilder(ctx).build(users, cand[:60]).column("gnn_score"))
+
+
 def test_dask_lgbm_ranker_close_to_local_ranker(client, ranking_setup) -> None:
     from kgrec.config import RankingConfig
     from ranking.ranker import Ranker, ndcg_at_k
