@@ -1364,13 +1364,23 @@ class Recommender:
         new_items = ds.items
         new_items = new_items[~new_items["item_id"].isin(self.item_pos)].reset_index(drop=True)
         new_events = ds.events
+        if len(new_items) and self.model.fusion.text_proj is None and self.model.fusion.image_proj is None:
+            raise DataError(
+                f"{len(new_items)} new item(s) (e.g. {new_items['item_id'].iloc[0]!r}), but this model has no content "
+                f"projection (fusion.trainer: {self.model.config.get('trainer', 'gnn')} learns item vectors from "
+                "the graph only) to give them vectors from their text or image: retrain (`kgrec train`) on data "
+                "that includes them. Nothing was changed; an update with events on known items only still works."
+            )
         self.store.load(ds)  # MERGE: idempotent, adds nodes, relationships and refreshes ALSO_BOUGHT
         n_old_items, n_old_users = len(self.item_ids), len(self.user_ids)
 
         if len(new_items):
-            sub = Dataset.write(Path(self._scratch()) / "new-items", {"items": new_items},
-                                images_from=ds.root if (ds.root / "images").is_dir() else None)
-            emb = encode_items(sub, self.text_encoder, self.clip_encoder, self.config)
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="kgrec-update-") as scratch:  # removed when encoded
+                sub = Dataset.write(Path(scratch) / "new-items", {"items": new_items},
+                                    images_from=ds.root if (ds.root / "images").is_dir() else None)
+                emb = encode_items(sub, self.text_encoder, self.clip_encoder, self.config)
             content = self.model.item_vectors_from_content(
                 emb.text if emb.text.shape[1] and self.model.fusion.text_proj is not None else None,
                 emb.image if emb.image.shape[1] and self.model.fusion.image_proj is not None else None,
@@ -1412,13 +1422,6 @@ class Recommender:
                            "a full retrain (`kgrec train`) is suggested", drift["drift"], retrain_threshold,
                            100 * drift["new_item_share"], 100 * drift["untrained_event_share"])
         return drift
-
-    def _scratch(self) -> str:
-        import tempfile
-
-        if getattr(self, "_scratch_dir", None) is None:
-            self._scratch_dir = tempfile.mkdtemp(prefix="kgrec-update-")
-        return self._scratch_dir
 
     def _content_modality_weights(self, emb: Any) -> tuple[Any, np.ndarray]:
         import torch

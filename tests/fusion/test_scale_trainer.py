@@ -78,6 +78,16 @@ def test_recommender_fit_save_load_with_scale_trainer(demo_dataset, tmp_path):
     back = Recommender.load(tmp_path / "bundle", encoders=(text, clip))
     assert back.model.config["trainer"] == "scale"
     assert [r.item_id for r in back.recommend(user, k=5)] == [r.item_id for r in recs]
+    # no content projection: update() refuses new items with a clear error, before touching anything
+    from kgrec.data.schema import Dataset
+    from kgrec.errors import DataError
+
+    item = demo_dataset.items.iloc[[0]].assign(item_id="NEW-1", image=None)
+    new = Dataset.write(tmp_path / "new", {"items": item, "events": demo_dataset.events.iloc[:0]})
+    counts = back.store.counts()
+    with pytest.raises(DataError, match="no content projection .* retrain"):
+        back.update(new)
+    assert back.store.counts() == counts and "NEW-1" not in back.item_pos
 
 
 def test_scale_options_unknown_key_is_a_clear_error(taste):
