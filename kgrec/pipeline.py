@@ -1371,16 +1371,26 @@ class Recommender:
                 "the graph only) to give them vectors from their text or image: retrain (`kgrec train`) on data "
                 "that includes them. Nothing was changed; an update with events on known items only still works."
             )
+        if len(new_items):  # encoders built now: a failure (a bundle of code-built encoders ...) changes nothing
+            f = self.model.fusion
+            if not ((f.text_proj is not None and self.text_encoder is not None)
+                    or (f.image_proj is not None and self.clip_encoder is not None)):
+                raise DataError(f"{len(new_items)} new item(s), but no encoder for a modality this model was trained "
+                                "on (text or image): load it with its encoders. Nothing was changed.")
         self.store.load(ds)  # MERGE: idempotent, adds nodes, relationships and refreshes ALSO_BOUGHT
         n_old_items, n_old_users = len(self.item_ids), len(self.user_ids)
 
         if len(new_items):
             import tempfile
 
+            cfg = self.config
+            if not cfg.encoders.cache_dir:  # the cache lives with the update's dataset, not in the scratch directory
+                enc = cfg.encoders.model_copy(update={"cache_dir": str(ds.root / ".cache" / "embeddings")})
+                cfg = cfg.model_copy(update={"encoders": enc})
             with tempfile.TemporaryDirectory(prefix="kgrec-update-") as scratch:  # removed when encoded
                 sub = Dataset.write(Path(scratch) / "new-items", {"items": new_items},
                                     images_from=ds.root if (ds.root / "images").is_dir() else None)
-                emb = encode_items(sub, self.text_encoder, self.clip_encoder, self.config)
+                emb = encode_items(sub, self.text_encoder, self.clip_encoder, cfg)
             content = self.model.item_vectors_from_content(
                 emb.text if emb.text.shape[1] and self.model.fusion.text_proj is not None else None,
                 emb.image if emb.image.shape[1] and self.model.fusion.image_proj is not None else None,

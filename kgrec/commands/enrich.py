@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from kgrec.commands._common import CONFIG_OPTION, clean_errors, load_config
+from kgrec.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _open_store(cfg: Any, dataset: Any, graph: Path | None, bundle: Path | None)
     else:
         from kg.embedded_store import EmbeddedStore
 
-        path = graph or (bundle / "graph" if bundle is not None else Path(dataset.root) / "graph")
+        path = graph or Path(dataset.root) / "graph"  # a bundle's own graph is written through the bundle
         store = EmbeddedStore.open(path, also_bought_min_count=cfg.kg.also_bought_min_count)
     if store.counts().get("Item", 0) == 0:
         typer.echo("the graph holds no items yet: loading the dataset into it first")
@@ -128,8 +129,11 @@ def enrich_command(
         info = json.loads(graph_json.read_text(encoding="utf-8"))
         if backend is None and graph is None:  # write where the bundle's graph lives
             cfg.kg.backend = info.get("backend", cfg.kg.backend)
-        if cfg.kg.backend == "neo4j":
+        if cfg.kg.backend == "neo4j" and not cfg.kg.uri:  # a server named in the user's own config wins
             use_bundle_graph(cfg.kg, info)
+        if cfg.kg.backend == "embedded" and graph is None and info.get("backend") == "neo4j" and not dry_run:
+            raise ConfigError(f"{bundle}'s graph lives in Neo4j ({info.get('uri')}): leave out --backend embedded "
+                              "to write there, or name an embedded graph directory with --graph")
     encoders = _encoders_for(cfg, bundle) if use_encoders else None
     emb = _embeddings_for(ds, embeddings, bundle, cfg, encoders)
     text_enc = clip_enc = None
@@ -149,15 +153,29 @@ def enrich_command(
             clip_enc = clip_model
         else:
             typer.echo("CLIP encoder differs from the one that made the embeddings: no zero-shot source")
-    store, store_path = (None, None) if dry_run else _open_store(cfg, ds, graph, bundle)
+    rec = None
+    if not dry_run and bundle is not None and graph is None and cfg.kg.backend == "embedded":
+        # the bundle's own embedded graph is written through the bundle: its manifest hashes every file, so
+        # rewriting graph/ in place would leave a bundle that no longer loads
+        from kgrec.pipeline import Recommender
+
+        rec = Recommender.load(bundle)
+        store, store_path = rec.store, None
+    else:
+        store, store_path = (None, None) if dry_run else _open_store(cfg, ds, graph, bundle)
     out_dir = out or Path(ds.root) / "enrichment"
     try:
         report = enrich(ds, emb, store, clip_encoder=clip_enc, text_encoder=text_enc, dry_run=dry_run,
                         out_dir=out_dir, config=cfg.enrichment, also_bought_min_count=cfg.kg.also_bought_min_count,
                         progress=True)
-        if store is not None and store_path is not None and report.written and report.written.get("written"):
+        wrote = bool(report.written and report.written.get("written"))
+        if store is not None and store_path is not None and wrote:
             store.save(store_path)
+        if rec is not None and wrote:
+            rec.hetero, rec.id_maps = rec.store.to_hetero_data()
+            rec.save(bundle)  # atomic, with a new manifest
+            typer.echo(f"bundle {bundle} saved with the enriched graph")
     finally:
-        if store is not None:
+        if store is not None and rec is None:
             store.close()
     typer.echo(report.to_text())

@@ -501,3 +501,42 @@ def test_a_neo4j_bundle_finds_its_server_without_neo4j_uri(fitted, tiny_encoders
         assert [r.item_id for r in again.recommend(user, 5)] == [r.item_id for r in fitted.recommend(user, 5)]
     finally:
         again.store.close()
+
+
+def test_cli_enrich_into_a_bundles_graph_keeps_the_bundle_loadable(fitted, tiny_encoders, demo_dataset, tmp_path):
+    """`kgrec enrich DS --bundle B` writes into B's embedded graph through the bundle (new manifest): rewriting
+    graph/ in place used to drop graph.json and break the manifest's hashes, so B no longer loaded."""
+    from typer.testing import CliRunner
+
+    from kgrec.cli import app
+
+    path = fitted.save(tmp_path / "b")
+    before = Recommender.load(path).store.counts()
+    res = CliRunner().invoke(app, ["enrich", str(demo_dataset.root), "--bundle", str(path), "--no-encoders",
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "saved with the enriched graph" in res.output
+    again = Recommender.load(path, encoders=tiny_encoders)  # verifies every file against the new manifest
+    after = again.store.counts()
+    assert after["SIMILAR_TO"] > before.get("SIMILAR_TO", 0) and after["Item"] == before["Item"]
+    user = fitted.user_ids[5]
+    assert len(again.recommend(user, 5)) == 5
+    res = CliRunner().invoke(app, ["enrich", str(demo_dataset.root), "--bundle", str(path), "--no-encoders",
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0 and "'written': 0" in res.output  # idempotent: nothing new, bundle untouched
+    assert Recommender.load(path).store.counts() == after
+
+
+def test_update_that_cannot_encode_new_items_changes_nothing(fitted, demo_dataset, tmp_path):
+    """A bundle trained with encoders built in code, loaded without them, cannot encode new items: update() says
+    so before it writes anything to the graph."""
+    from kgrec.data.schema import Dataset
+
+    rec = Recommender.load(fitted.save(tmp_path / "b"))  # no encoders passed
+    item = demo_dataset.items.iloc[[0]].assign(item_id="NEW-1")
+    new = Dataset.write(tmp_path / "new", {"items": item, "events": demo_dataset.events.iloc[:0]},
+                        images_from=demo_dataset.root)
+    counts = rec.store.counts()
+    with pytest.raises(BundleError, match="built in code"):
+        rec.update(new)
+    assert rec.store.counts() == counts and "NEW-1" not in rec.item_pos
