@@ -253,11 +253,14 @@ class TextEncoderSpec:
     torch_threads: int | None = 1  # per worker; None leaves torch's default
 
     def build(self) -> Any:
+        from encoders.static import STATIC_PREFIX, static_encoder_from_name
         from encoders.text import TextEncoder
 
         kw = dict(max_length=self.max_length, batch_size=self.batch_size, device=self.device)
         if self.bert_config is not None:
             return TextEncoder.from_config(dict(self.bert_config), seed=self.seed, **kw)
+        if self.model.startswith(STATIC_PREFIX):  # encoders.text_model: static:<DIR or base>
+            return static_encoder_from_name(self.model)
         return TextEncoder(self.model, **kw)
 
 

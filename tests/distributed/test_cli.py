@@ -84,3 +84,12 @@ def test_distill_static_then_config_selects_it(demo_dataset, tmp_path: Path) -> 
     v = enc.encode(texts)
     assert v.shape == (50, 32)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    # encode-dask builds its workers' encoder from the same name
+    res = runner.invoke(app, ["encode-dask", str(demo_dataset.root), "--engine", "local", "--text-model",
+                              f"static:{out}", "--out", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    from encoders.items import ItemEmbeddings
+
+    emb = ItemEmbeddings.load(tmp_path / "e")
+    assert emb.text.shape == (len(demo_dataset.items), 32) and emb.model_ids["text"] == enc.model_id
+    np.testing.assert_allclose(emb.text[:50], v, atol=1e-6)
