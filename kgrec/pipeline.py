@@ -1515,7 +1515,9 @@ class Recommender:
                 self.ranker.save(tmp / "ranker")
                 components.append("ranker")
             if isinstance(self.store, EmbeddedStore):
+                bound = self.store.path
                 self.store.save(tmp / "graph")
+                self.store.path = bound  # save(path) rebinds the store: not to this temporary directory
                 graph = {"backend": "embedded"}
             else:
                 from kgrec.config import neo4j_settings
@@ -1586,6 +1588,7 @@ class Recommender:
             from kg.embedded_store import EmbeddedStore
 
             store = EmbeddedStore.open(root / "graph", also_bought_min_count=cfg.kg.also_bought_min_count)
+            store.path = None  # unbound: a bundle's graph is written only by save() (its manifest hashes it)
         else:
             from kg.neo4j_store import Neo4jStore
 

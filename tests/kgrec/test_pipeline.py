@@ -540,3 +540,19 @@ def test_update_that_cannot_encode_new_items_changes_nothing(fitted, demo_datase
     with pytest.raises(BundleError, match="built in code"):
         rec.update(new)
     assert rec.store.counts() == counts and "NEW-1" not in rec.item_pos
+
+
+def test_a_loaded_bundles_graph_is_written_only_by_save(fitted, tmp_path):
+    """The embedded store of a loaded bundle is not bound to the bundle's graph/ directory: closing it after a
+    change must not rewrite that directory in place (the manifest hashes it); saving leaves no binding to the
+    bundle's temporary directory either."""
+    path = fitted.save(tmp_path / "b")
+    rec = Recommender.load(path)
+    assert rec.store.path is None
+    rec.store.write_enrichment([{"kind": "relation", "type": "SIMILAR_TO", "src": fitted.item_ids[0],
+                                 "dst": fitted.item_ids[1], "confidence": 0.5, "evidence": {}}], {"run_id": "t"})
+    rec.store.close()  # dirty, but unbound: writes nothing
+    Recommender.load(path)  # still verifies
+    rec.save(path)
+    assert rec.store.path is None and Recommender.load(path).store.counts() == rec.store.counts()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
