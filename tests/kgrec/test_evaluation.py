@@ -1,0 +1,75 @@
+"""The evaluation harness (kgrec.evaluation / `kgrec evaluate DATASET`): every split, every baseline, every ablation
+in one full-ranking protocol, written as Markdown + JSON + a bar chart."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from kgrec.cli import app
+from kgrec.config import Config
+from kgrec.errors import ConfigError, DataError
+from kgrec.evaluation import ABLATIONS, BASELINES, run_evaluation
+from tests.kgrec.test_pipeline import tiny_encoders  # noqa: F401  (fixture)
+
+FAST = {"fusion.epochs": 6, "fusion.dim": 16, "fusion.patience": 2, "fusion.batch_size": 4096,
+        "fusion.num_negatives": 256}
+
+
+def _cfg(tmp_path) -> Config:
+    return Config.load(env={}, overrides={**FAST, "encoders.cache_dir": str(tmp_path / "cache")})
+
+
+def test_every_baseline_and_ablation_on_the_demo_catalog(demo_dataset, tiny_encoders, tmp_path):  # noqa: F811
+    res = run_evaluation(demo_dataset, _cfg(tmp_path), split="temporal", out_dir=tmp_path / "out",
+                         encoders=tiny_encoders, progress=False)
+    names = [r["model"] for r in res.rows]
+    assert names == list(BASELINES) + list(ABLATIONS)
+    for r in res.rows:
+        assert all(0.0 <= r[c] <= 1.0 for c in ("recall@20", "ndcg@20", "hit@20", "mrr@20", "precision@20"))
+        assert r["hit@20"] >= r["recall@20"] >= r["recall@10"] and r["item_coverage@20"] > 0
+    pop = res.row("popularity")["recall@20"]
+    assert res.row("ease")["recall@20"] > pop and res.row("itemknn")["recall@20"] > pop
+    assert res.row("fused")["recall@20"] > pop  # the generator's tastes are learnable
+    assert "lambda" in res.row("ease")["note"] and "epochs" in res.row("bpr-mf")["note"]
+    # the same counts the split gives, and the files
+    assert res.counts["train pairs"] > res.counts["valid pairs"] > 0 and res.counts["test pairs"] > 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["split"] == "temporal" and [r["model"] for r in data["rows"]] == names
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert all(f"| {n} |" in md for n in names) and "precision@20" in md
+    with Image.open(tmp_path / "out" / "results.png") as im:
+        assert im.format == "PNG" and im.size[0] > 500
+
+
+@pytest.mark.parametrize("split", ["random", "leave-one-out"])
+def test_other_splits(demo_dataset, tiny_encoders, tmp_path, split):  # noqa: F811
+    res = run_evaluation(demo_dataset, _cfg(tmp_path), split=split, baselines=["popularity", "ease"],
+                         ablations=[], encoders=tiny_encoders, progress=False)
+    c = res.counts
+    if split == "leave-one-out":  # one test and one valid pair per user with >= 3 interactions
+        assert c["test pairs"] == c["valid pairs"] <= demo_dataset.events["user_id"].nunique()
+    else:
+        assert 0.05 < c["test pairs"] / sum(c.values()) < 0.13  # int(0.1 * n) per user: small users give less
+    assert res.row("ease")["recall@20"] > res.row("popularity")["recall@20"]
+
+
+def test_given_split_bad_names_and_the_cli(demo_dataset, tiny_encoders, tmp_path):  # noqa: F811
+    with pytest.raises(DataError, match="no split.parquet"):
+        run_evaluation(demo_dataset, _cfg(tmp_path), split="given", encoders=tiny_encoders, progress=False)
+    with pytest.raises(ConfigError, match="unknown split"):
+        run_evaluation(demo_dataset, _cfg(tmp_path), split="sideways", progress=False)
+    with pytest.raises(ConfigError, match=r"unknown baselines / ablations \['svd'\]"):
+        run_evaluation(demo_dataset, _cfg(tmp_path), baselines=["svd"], progress=False)
+    res = CliRunner().invoke(app, ["evaluate", str(demo_dataset.root), "--split", "random", "--baselines",
+                                   "popularity,ease", "--ablations", "", "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    assert "| ease |" in res.output and (tmp_path / "cli" / "results.png").is_file()
+    rows = json.loads((tmp_path / "cli" / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["popularity", "ease"] and np.isfinite(rows[1]["ndcg@20"])
+    from kgrec.commands.model import _EVAL_ABLATIONS, _EVAL_BASELINES
+
+    assert _EVAL_BASELINES == BASELINES and _EVAL_ABLATIONS == tuple(ABLATIONS)
