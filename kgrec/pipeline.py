@@ -811,6 +811,23 @@ class Recommender:
                 rec.explanation = e.to_dict()
         return out
 
+    def recommend_from_items(self, item_ids: Sequence[str], k: int = 10, exclude_chosen: bool = True
+                             ) -> list[Recommendation]:
+        """Top-``k`` items for someone without history who picked a few items (onboarding, a wish list): the
+        user vector is the mean of the chosen items' vectors (``TrainedModel.user_vector_from_items``), scored
+        against every item by dot product, as a trained user's vector is; the chosen items are left out unless
+        ``exclude_chosen`` is False."""
+        if k < 1:
+            raise DataError(f"k must be at least 1, got {k}")
+        if not len(item_ids):
+            raise DataError("recommend_from_items needs at least one item id")
+        chosen = np.array([self._item_index(i) for i in item_ids], dtype=np.int64)
+        scores = self.model.item_embeddings @ self.model.user_vector_from_items(chosen)
+        if exclude_chosen:
+            scores[chosen] = -np.inf
+        top = top_k_stable(scores, min(k, len(scores)))
+        return [self._result(int(j), scores[j], r + 1) for r, j in enumerate(t for t in top if np.isfinite(scores[t]))]
+
     def recommend_batch(self, user_ids: Sequence[str], k: int | Sequence[int] = 10, explain: bool = False
                         ) -> list[list[Recommendation]]:
         """``recommend(u, k, explain=explain)`` for many known users at once (the service batches concurrent

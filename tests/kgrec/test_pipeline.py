@@ -556,3 +556,26 @@ def test_a_loaded_bundles_graph_is_written_only_by_save(fitted, tmp_path):
     rec.save(path)
     assert rec.store.path is None and Recommender.load(path).store.counts() == rec.store.counts()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_recommend_from_a_few_chosen_items(fitted):
+    """A user without history picks items: the mean of their vectors scores every item, the picks left out."""
+    cats = fitted.items.set_index("item_id")["category"]
+    cat = cats.iloc[0]
+    chosen = [i for i in fitted.item_ids if cats[i] == cat][:3]
+    recs = fitted.recommend_from_items(chosen, k=10)
+    assert len(recs) == 10 and not {r.item_id for r in recs} & set(chosen)
+    assert [r.rank for r in recs] == list(range(1, 11))
+    idx = [fitted.item_pos[i] for i in chosen]
+    scores = fitted.model.item_embeddings @ fitted.model.item_embeddings[idx].mean(0)
+    scores[idx] = -np.inf
+    assert [r.item_id for r in recs] == [fitted.item_ids[j] for j in np.argsort(-scores, kind="stable")[:10]]
+    same = np.mean([cats[r.item_id] == cat for r in recs])
+    assert same > 2 * (cats == cat).mean()  # the picks' category comes back far more often than by chance
+    kept = fitted.recommend_from_items(chosen, k=30, exclude_chosen=False)
+    full = fitted.model.item_embeddings @ fitted.model.item_embeddings[idx].mean(0)
+    assert [r.item_id for r in kept] == [fitted.item_ids[j] for j in np.argsort(-full, kind="stable")[:30]]
+    with pytest.raises(UnknownIdError):
+        fitted.recommend_from_items(["no-such-item"])
+    with pytest.raises(DataError, match="at least one item"):
+        fitted.recommend_from_items([])
