@@ -36,6 +36,25 @@ BUNDLE_FORMAT_VERSION = 1
 REQUIRED_COMPONENTS = ("idmaps",)
 
 
+RUNTIME_PACKAGES = ("torch", "torch_geometric", "lightgbm", "numpy", "scipy", "transformers", "open_clip_torch",
+                    "pyarrow", "safetensors")
+
+
+def runtime_versions() -> dict[str, str | None]:
+    """Python and the installed versions of the packages a bundle's files depend on (recorded in the manifest, so
+    a bundle that behaves differently elsewhere can be traced to a version change)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in RUNTIME_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def write_bundle(
     path: str | Path,
     writer: Callable[[Path], dict[str, Any]],
@@ -63,6 +82,7 @@ def write_bundle(
         manifest = {
             "format_version": BUNDLE_FORMAT_VERSION,
             "package_version": __version__,
+            "versions": runtime_versions(),
             "created": datetime.now(timezone.utc).isoformat(),
             "data_fingerprint": data_fingerprint,
             "components": sorted(set(extra.pop("components", [])) | set(REQUIRED_COMPONENTS)),

@@ -108,7 +108,14 @@ def test_image_search_returns_the_item_itself(fitted, demo_dataset):
 
 
 def test_bundle_roundtrip_same_recommendations(fitted, tiny_encoders, tmp_path):
+    import platform
+
+    import torch
+
     path = fitted.save(tmp_path / "bundle")
+    versions = json.loads((path / "manifest.json").read_text())["versions"]
+    assert versions["python"] == platform.python_version() and versions["torch"] == torch.__version__.split("+")[0]
+    assert all(versions[p] for p in ("torch_geometric", "lightgbm", "numpy", "open_clip_torch"))
     again = Recommender.load(path, encoders=tiny_encoders)
     user = fitted.user_ids[5]
     a = [(r.item_id, round(r.score, 5)) for r in fitted.recommend(user, 8)]
