@@ -66,10 +66,14 @@ class EvaluationResult:
         head = f"Split `{self.split}`: " + ", ".join(f"{k} {v:,}" for k, v in self.counts.items()) + "\n\n"
         cols = ["valid ndcg@20", *METRIC_COLUMNS, "fit s"]
         lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        skipped = []
         for r in self.rows:
+            if "skipped" in r:
+                skipped.append(f"- {r['model']}: skipped, {r['skipped']}")
+                continue
             vals = [f"{r['valid_ndcg@20']:.4f}", *(f"{r[c]:.4f}" for c in METRIC_COLUMNS), f"{r['fit_seconds']:.1f}"]
             lines.append(f"| {r['model']} | " + " | ".join(vals) + " |")
-        return head + "\n".join(lines) + "\n"
+        return head + "\n".join(lines) + "\n" + "".join(f"\n{s}" for s in skipped) + ("\n" if skipped else "")
 
 
 def _split_codes(split: str, ds: Any, events: Any, user_pos: dict[str, int], item_pos: dict[str, int],

@@ -73,3 +73,15 @@ def test_given_split_bad_names_and_the_cli(demo_dataset, tiny_encoders, tmp_path
     from kgrec.commands.model import _EVAL_ABLATIONS, _EVAL_BASELINES
 
     assert _EVAL_BASELINES == BASELINES and _EVAL_ABLATIONS == tuple(ABLATIONS)
+
+
+def test_an_ablation_without_its_modality_is_skipped_and_said(demo_dataset, tiny_encoders, tmp_path):  # noqa: F811
+    text, _ = tiny_encoders
+    res = run_evaluation(demo_dataset, _cfg(tmp_path), baselines=["popularity"], ablations=["text-only", "image-only"],
+                         encoders=(text, None), out_dir=tmp_path / "out", progress=False)
+    assert [r["model"] for r in res.rows] == ["popularity", "text-only", "image-only"]
+    assert res.row("image-only")["skipped"] == "the dataset has no image vectors"
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| text-only |" in md and "- image-only: skipped, the dataset has no image vectors" in md
+    assert [r["model"] for r in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]] == [
+        "popularity", "text-only", "image-only"]
