@@ -99,17 +99,30 @@ def evaluate(
 
 @clean_errors
 def recommend(
-    user: str = typer.Argument(..., help="User id."),
+    user: str | None = typer.Argument(None, help="User id (leave out with --query or --items: no history)."),
     bundle: Path = BUNDLE_OPTION,
     k: int = typer.Option(10, "--k", "-k", min=1, max=1000),
     query: str | None = typer.Option(None, "--query", "-q", help="Free text that makes the list query-aware."),
+    items: str | None = typer.Option(None, "--items", help="Comma-separated item ids chosen by a user without "
+                                     "history: recommend from them (Recommender.recommend_from_items)."),
     explain_: bool = typer.Option(False, "--explain", help="Explain every recommendation."),
     as_json: bool = typer.Option(False, "--json"),
     html: Path | None = typer.Option(None, "--html", help="Also write an HTML report with images."),
 ) -> None:
-    """Top-k items for a user, re-ranked and optionally explained."""
+    """Top-k items for a user, re-ranked and optionally explained; or for someone without history, from a query
+    (--query) or a few chosen items (--items)."""
+    from kgrec.errors import DataError
     from kgrec.pipeline import Recommender
 
+    if items is not None:
+        if user is not None or query is not None or explain_ or html is not None:
+            raise DataError("--items stands for a user without history: give it without USER, --query, --explain "
+                            "or --html")
+        rec = Recommender.load(bundle)
+        _print_results(rec.recommend_from_items([x.strip() for x in items.split(",") if x.strip()], k), as_json)
+        return
+    if user is None and query is None:
+        raise DataError("give a USER id, or --query / --items for a user without history")
     rec = Recommender.load(bundle)
     results = rec.recommend(user, k, query=query, explain=explain_ or html is not None)
     _print_results(results, as_json)

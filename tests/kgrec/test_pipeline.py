@@ -586,3 +586,21 @@ def test_recommend_from_a_few_chosen_items(fitted):
         fitted.recommend_from_items(["no-such-item"])
     with pytest.raises(DataError, match="at least one item"):
         fitted.recommend_from_items([])
+
+
+def test_cli_recommend_from_chosen_items(fitted, tmp_path):
+    from typer.testing import CliRunner
+
+    from kgrec.cli import app
+
+    path = fitted.save(tmp_path / "b")
+    chosen = fitted.item_ids[:2]
+    res = CliRunner().invoke(app, ["recommend", "--bundle", str(path), "--items", ",".join(chosen), "--k", "5",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    got = [r["item_id"] for r in json.loads(res.output)]
+    assert got == [r.item_id for r in fitted.recommend_from_items(chosen, k=5)]
+    res = CliRunner().invoke(app, ["recommend", "--bundle", str(path), "--items", chosen[0], "--explain"])
+    assert res.exit_code == 2 and "without USER" in res.output
+    res = CliRunner().invoke(app, ["recommend", "--bundle", str(path)])
+    assert res.exit_code == 2 and "--query / --items" in res.output
