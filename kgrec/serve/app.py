@@ -16,6 +16,8 @@ once, by the caller); every request reuses it. Endpoints (all JSON unless noted,
 ``GET /``                   the web page (``kgrec/serve/static``)
 ==========================  ===========================================================================
 
+``GET /recommend/from-items`` gives top-k for someone without history from chosen items (``items=A&items=B``, ``k``).
+
 Errors are JSON ``{"detail": ...}``: unknown user/item -> 404, bad input -> 422 (FastAPI's validation errors,
 ``k`` above ``serve.max_k`` included), upload larger than ``serve.max_upload_bytes`` -> 413, upload that is not an
 image -> 415, anything unexpected -> 500 with a generic message (the stack trace goes to the server log only).
@@ -385,6 +387,18 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
             recs = await batcher.run(rec.recommend, user, k, query, explain)
         else:
             recs = await batcher.submit(("recommend", explain), batch_recommend[explain], (user, k))
+        return {"results": _results(recs), "took_ms": (time.perf_counter() - t0) * 1e3}
+
+    @app.get("/recommend/from-items", response_model=ResultList, responses=ERRORS, tags=["recommend"])
+    async def recommend_from_items(
+        items: list[str] = Query(..., min_length=1, max_length=100,
+                                 description="item ids chosen by someone without history (repeat: items=A&items=B)"),
+        k: int = K,
+    ) -> dict[str, Any]:
+        """Top-k items for someone without history from a few chosen items (the mean of their vectors; the chosen
+        items are left out)."""
+        t0 = time.perf_counter()
+        recs = await batcher.run(rec.recommend_from_items, items, k)
         return {"results": _results(recs), "took_ms": (time.perf_counter() - t0) * 1e3}
 
     @app.get("/search", response_model=ResultList, responses=ERRORS, tags=["search"])

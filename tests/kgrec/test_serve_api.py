@@ -188,6 +188,17 @@ def test_image_upload_errors(client):
 
 
 # ---------------------------------------------------------------------------------------------------- similar / explain
+def test_recommend_from_chosen_items_equals_the_library(client, serve_recommender):
+    chosen = serve_recommender.item_ids[3:5]
+    res = client.get("/recommend/from-items", params={"items": chosen, "k": 7}).json()["results"]
+    assert [x["item_id"] for x in res] == [x.item_id for x in serve_recommender.recommend_from_items(chosen, 7)]
+    assert len(res) == 7 and not {x["item_id"] for x in res} & set(chosen)
+    r = client.get("/recommend/from-items", params={"items": ["no-such-item"]})
+    assert r.status_code == 404 and "unknown item 'no-such-item'" in r.json()["detail"]
+    assert client.get("/recommend/from-items").status_code == 422  # no items
+    assert client.get("/openapi.json").json()["paths"]["/recommend/from-items"]["get"]
+
+
 def test_similar_equals_the_library(client, serve_recommender):
     item = serve_recommender.item_ids[10]
     res = client.get("/similar", params={"item": item, "k": 6}).json()["results"]
