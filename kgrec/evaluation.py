@@ -206,6 +206,8 @@ def run_evaluation(
         text = emb.text[order] if emb.text.shape[1] else None
         image = emb.image[order] if emb.image.shape[1] else None
         present = emb.has_image[order] if image is not None else None
+        if present is not None and not present.any():  # an image tower but no item has a picture: no image input
+            image = present = None
         codes = event_split_codes(events, pairs, user_pos, item_pos)
         graph = interaction_view(hetero, id_maps, events[codes == 0], cfg.kg.also_bought_min_count)
         encode_s = time.perf_counter() - t0

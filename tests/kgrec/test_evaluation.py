@@ -85,3 +85,14 @@ def test_an_ablation_without_its_modality_is_skipped_and_said(demo_dataset, tiny
     assert "| text-only |" in md and "- image-only: skipped, the dataset has no image vectors" in md
     assert [r["model"] for r in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]] == [
         "popularity", "text-only", "image-only"]
+
+
+def test_image_only_is_skipped_when_no_item_has_a_picture(demo_dataset, tiny_encoders, tmp_path):  # noqa: F811
+    """A CLIP encoder but no pictures (ml-100k): zero image rows are not an image input, so image-only is skipped."""
+    from kgrec.data.schema import Dataset
+
+    ds = Dataset.write(tmp_path / "no-images", {"items": demo_dataset.items.assign(image=None),
+                                                "events": demo_dataset.events})
+    res = run_evaluation(ds, _cfg(tmp_path), baselines=["popularity"], ablations=["image-only"],
+                         encoders=tiny_encoders, progress=False)
+    assert res.row("image-only")["skipped"] == "the dataset has no image vectors"
