@@ -79,8 +79,8 @@ class EvaluationResult:
 def _split_codes(split: str, ds: Any, events: Any, user_pos: dict[str, int], item_pos: dict[str, int],
                  seed: int) -> Any:
     """(u, i, ts, split) pairs under the named split."""
-    from fusion.splits import leave_one_out, random_split, temporal_split
-    from kgrec.pipeline import _event_pairs, split_pairs
+    from fusion.splits import leave_one_out, random_split
+    from kgrec.pipeline import _event_pairs, split_pairs, temporal_pair_split
 
     if split == "given":
         if not ds.has_split:
@@ -88,8 +88,8 @@ def _split_codes(split: str, ds: Any, events: Any, user_pos: dict[str, int], ite
         return split_pairs(ds, events, user_pos, item_pos, seed=seed)
     pairs = _event_pairs(events, user_pos, item_pos)
     u, ts = pairs["u"].to_numpy(), pairs["ts"].to_numpy()
-    if split == "temporal":  # the same order as kgrec train (item index breaks ties of equal timestamps)
-        pairs["split"] = temporal_split(u, ts * 1000 + pairs["i"].to_numpy() % 1000)
+    if split == "temporal":  # the split kgrec train makes
+        pairs["split"] = temporal_pair_split(pairs)
     elif split == "random":
         pairs["split"] = random_split(u, seed=seed)
     else:
@@ -126,7 +126,7 @@ def run_evaluation(
     from kg.embedded_store import EmbeddedStore
     from kgrec.config import Config
     from kgrec.data.schema import Dataset
-    from kgrec.pipeline import _index, build_encoders, encode_items, event_split_codes, interaction_view
+    from kgrec.pipeline import _index, aligned_content, build_encoders, encode_items, training_graph
 
     cfg = config or Config()
     if split not in SPLITS:
@@ -201,15 +201,10 @@ def run_evaluation(
     if ablations:
         t0 = time.perf_counter()
         text_enc, clip_enc = encoders if encoders is not None else build_encoders(cfg, ds)
-        emb = encode_items(ds, text_enc, clip_enc, cfg)
-        order = np.array([_index(emb.item_ids)[i] for i in item_ids], dtype=np.int64)
-        text = emb.text[order] if emb.text.shape[1] else None
-        image = emb.image[order] if emb.image.shape[1] else None
-        present = emb.has_image[order] if image is not None else None
+        text, image, present = aligned_content(encode_items(ds, text_enc, clip_enc, cfg), item_ids)
         if present is not None and not present.any():  # an image tower but no item has a picture: no image input
             image = present = None
-        codes = event_split_codes(events, pairs, user_pos, item_pos)
-        graph = interaction_view(hetero, id_maps, events[codes == 0], cfg.kg.also_bought_min_count)
+        graph = training_graph(hetero, id_maps, events, pairs, cfg.kg.also_bought_min_count)
         encode_s = time.perf_counter() - t0
     for name in ablations:
         bar.set_postfix_str(name)

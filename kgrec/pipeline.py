@@ -110,10 +110,25 @@ def split_pairs(dataset: Dataset, events: pd.DataFrame, user_pos: dict[str, int]
         pairs = pairs.merge(g, on=["u", "i"], how="right").fillna({"ts": 0}).astype({"ts": np.int64})
         logger.info("using the dataset's own split: %s", pairs["split"].value_counts().to_dict())
         return pairs
+    pairs["split"] = temporal_pair_split(pairs)
+    return pairs
+
+
+def temporal_pair_split(pairs: pd.DataFrame) -> np.ndarray:
+    """Split codes of ``pairs`` (u, i, ts) by per-user time, 80/10/10 (equal timestamps ordered by item index):
+    what ``fit`` uses for a dataset without a split of its own."""
     from fusion.splits import temporal_split
 
-    pairs["split"] = temporal_split(pairs["u"].to_numpy(), pairs["ts"].to_numpy() * 1000 + pairs["i"].to_numpy() % 1000)
-    return pairs
+    return temporal_split(pairs["u"].to_numpy(), pairs["ts"].to_numpy() * 1000 + pairs["i"].to_numpy() % 1000)
+
+
+def aligned_content(embeddings: Any, item_ids: Sequence[str]) -> tuple[Any, Any, Any]:
+    """(text, image, image_present) rows of ``embeddings`` in ``item_ids`` order; None for a missing modality."""
+    pos = _index(embeddings.item_ids)
+    order = np.array([pos[i] for i in item_ids], dtype=np.int64)
+    text = embeddings.text[order] if embeddings.text.shape[1] else None
+    image = embeddings.image[order] if embeddings.image.shape[1] else None
+    return text, image, (embeddings.has_image[order] if image is not None else None)
 
 
 def event_split_codes(events: pd.DataFrame, pairs: pd.DataFrame, user_pos: dict[str, int],
@@ -490,11 +505,7 @@ class Recommender:
         t1 = time.perf_counter()
         text_enc, clip_enc = encoders if encoders is not None else build_encoders(cfg, ds)
         embeddings = encode_items(ds, text_enc, clip_enc, cfg)
-        emb_pos = _index(embeddings.item_ids)
-        order = np.array([emb_pos[i] for i in item_ids], dtype=np.int64)
-        text = embeddings.text[order] if embeddings.text.shape[1] else None
-        image = embeddings.image[order] if embeddings.image.shape[1] else None
-        image_present = embeddings.has_image[order] if image is not None else None
+        text, image, image_present = aligned_content(embeddings, item_ids)
         timings["encode_s"] = time.perf_counter() - t1
 
         # 4. GNN + fusion --------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ from typing import Any
 import typer
 
 from kgrec.commands._common import CONFIG_OPTION, clean_errors, load_config
+from kgrec.evaluation import ABLATIONS, BASELINES  # the module imports numpy only at the top
 
-_EVAL_BASELINES = ("popularity", "itemknn", "ease", "bpr-mf", "lightgcn")  # = kgrec.evaluation.BASELINES / ABLATIONS
-_EVAL_ABLATIONS = ("fused", "no-kg", "graph-only", "text-only", "image-only")  # (not imported: keeps the CLI light)
+_EVAL_BASELINES, _EVAL_ABLATIONS = BASELINES, tuple(ABLATIONS)
 BUNDLE_OPTION = typer.Option(Path("bundle"), "--bundle", "-b", help="Bundle directory written by `kgrec train`.")
 
 
