@@ -1392,15 +1392,16 @@ class Recommender:
         new_items = ds.items
         new_items = new_items[~new_items["item_id"].isin(self.item_pos)].reset_index(drop=True)
         new_events = ds.events
-        if len(new_items) and self.model.fusion.text_proj is None and self.model.fusion.image_proj is None:
-            raise DataError(
-                f"{len(new_items)} new item(s) (e.g. {new_items['item_id'].iloc[0]!r}), but this model has no content "
-                f"projection (fusion.trainer: {self.model.config.get('trainer', 'gnn')} learns item vectors from "
-                "the graph only) to give them vectors from their text or image: retrain (`kgrec train`) on data "
-                "that includes them. Nothing was changed; an update with events on known items only still works."
-            )
-        if len(new_items):  # encoders built now: a failure (a bundle of code-built encoders ...) changes nothing
+        if len(new_items):  # checked before anything is written: a refusal changes nothing
             f = self.model.fusion
+            if f.text_proj is None and f.image_proj is None:
+                raise DataError(
+                    f"{len(new_items)} new item(s) (e.g. {new_items['item_id'].iloc[0]!r}), but this model has no "
+                    f"content projection (fusion.trainer: {self.model.config.get('trainer', 'gnn')} learns item "
+                    "vectors from the graph only) to give them vectors from their text or image: retrain (`kgrec "
+                    "train`) on data that includes them. Nothing was changed; an update with events on known items "
+                    "only still works.")
+            # the encoders are built here (a bundle of code-built encoders loaded without them raises now)
             if not ((f.text_proj is not None and self.text_encoder is not None)
                     or (f.image_proj is not None and self.clip_encoder is not None)):
                 raise DataError(f"{len(new_items)} new item(s), but no encoder for a modality this model was trained "
@@ -1589,8 +1590,6 @@ class Recommender:
         ``encoders`` = (text, clip) replaces the encoders named in the bundle (needed when the bundle was trained
         with encoders built in code rather than named models, e.g. tiny test models).
         """
-        import yaml
-
         from encoders.items import ItemEmbeddings
         from fusion.train import TrainedModel
 
@@ -1599,7 +1598,7 @@ class Recommender:
         for comp in ("fusion", "embeddings", "graph", "encoders", "data"):
             if not info.has(comp):
                 raise BundleError(f"bundle {root} has no {comp!r} component; re-run `kgrec train`")
-        cfg = Config.model_validate(yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8")))
+        cfg = bundle_config(root)
         model = TrainedModel.load(root / "fusion")
         ranker = None
         if info.has("ranker"):
@@ -1647,6 +1646,13 @@ class Recommender:
 
 
 # ---------------------------------------------------------------------------------------------------- wiring
+def bundle_config(root: str | Path) -> Config:
+    """The resolved config a bundle was trained with (its ``config.yaml``)."""
+    import yaml
+
+    return Config.model_validate(yaml.safe_load((Path(root) / "config.yaml").read_text(encoding="utf-8")))
+
+
 def use_bundle_graph(kg: Any, graph: dict[str, Any]) -> None:
     """Point the ``kg`` config section at the Neo4j server a bundle's store used (``graph/graph.json``: URI,
     database, user) when ``NEO4J_URI`` is not set; it wins over the bundle's config.yaml. The password only ever

@@ -75,15 +75,11 @@ def _encoders_for(cfg: Any, bundle: Path | None) -> tuple[Any, Any]:
     if spec_path is not None and spec_path.is_file():
         spec = json.loads(spec_path.read_text(encoding="utf-8"))
         if not spec.get("custom"):
-            import yaml
-
-            from kgrec.config import Config
-            from kgrec.pipeline import build_encoders
+            from kgrec.pipeline import build_encoders, bundle_config
 
             # the bundle's own settings (max length, pretrained tag ... are part of the model ids), as load() uses
-            bundle_cfg_path = Path(bundle) / "config.yaml"  # type: ignore[arg-type]
-            if bundle_cfg_path.is_file():
-                cfg = Config.model_validate(yaml.safe_load(bundle_cfg_path.read_text(encoding="utf-8")))
+            if (Path(bundle) / "config.yaml").is_file():  # type: ignore[arg-type]
+                cfg = bundle_config(bundle)  # type: ignore[arg-type]
             return build_encoders(cfg, None, spec=spec, bundle=Path(bundle).resolve())  # type: ignore[arg-type]
         typer.echo("the bundle's encoders were built in code: using the configured encoders")
     return text_encoder_from_config(cfg.encoders), clip_encoder_from_config(cfg.encoders)

@@ -78,8 +78,7 @@ def encode_dask_command(
     t0 = time.perf_counter()
     if engine == "dask":
         with dask_client(scheduler, n_workers=workers) as client:
-            # absolute: workers resolve paths in their own working directory (shared storage, same mount path)
-            ids, vecs, model_id = encode_items_dask(client, Path(ds.root).resolve() / "items.parquet", spec)
+            ids, vecs, model_id = encode_items_dask(client, ds.root / "items.parquet", spec)  # resolves the path
     else:
         enc = spec.build()
         enc.show_progress = True
@@ -127,7 +126,7 @@ def validate_events_command(
     t0 = time.perf_counter()
     if engine == "dask":
         with dask_client(scheduler, n_workers=workers) as client:
-            res = validate_events_dask(client, Path(events).resolve(), items, users, config=cfg.data)
+            res = validate_events_dask(client, events, items, users, config=cfg.data)  # resolves the path
         kept, reasons, read = res.table, res.reasons(), res.read
     else:
         raw = read_parquet(events)
