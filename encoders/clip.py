@@ -13,6 +13,7 @@ hub cache) or ``pretrained="/path/to/checkpoint.safetensors"``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -71,6 +72,42 @@ def _is_packaged_effnet(vision_cfg: dict[str, Any]) -> bool:
     return vision_cfg.get("timm_model_name") in VARIANTS
 
 
+class _ExpectedBuildNoise(logging.Filter):
+    """Drops what open_clip and transformers log while a CLIP model is built from our own weights, all of it expected:
+    open_clip's factory steps (INFO on the root logger) and its "initialized partially" warning (no full CLIP
+    checkpoint: the towers / a fit-clip checkpoint are loaded next), and transformers' load report when it lists
+    only unused BERT pooler weights as UNEXPECTED (the HF text tower pools itself). Any other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if record.name == "root" and "open_clip" in record.pathname:
+            return record.levelno >= logging.WARNING and "initialized partially" not in msg
+        if "LOAD REPORT" in msg:
+            return not _only_unused_pooler(msg)
+        return True
+
+
+def _only_unused_pooler(report: str) -> bool:
+    """True when a transformers load report's rows are all ``pooler.* | UNEXPECTED``."""
+    rows = [[c.strip() for c in line.split("|")] for line in report.splitlines() if "|" in line]
+    rows = [r for r in rows if r[0] and r[0] != "Key" and not set(r[0]) <= set("-+")]
+    return bool(rows) and all(r[0].startswith("pooler.") and r[1:2] == ["UNEXPECTED"] for r in rows)
+
+
+@contextlib.contextmanager
+def _quiet_expected_build_noise():
+    noise = _ExpectedBuildNoise()
+    loggers = [logging.getLogger(), logging.getLogger("transformers.modeling_utils"),
+               logging.getLogger("transformers.utils.loading_report")]
+    for lg in loggers:
+        lg.addFilter(noise)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(noise)
+
+
 def build_clip(
     name: str = DEFAULT_CLIP_MODEL,
     pretrained: str | None = None,
@@ -109,10 +146,14 @@ def build_clip(
         if pcfg is not None:
             image_kwargs.update(image_mean=tuple(pcfg.mean), image_std=tuple(pcfg.std))
     torch.manual_seed(seed)
+    # with pretrained=None our weights come next (packaged towers, or a fit-clip checkpoint the caller loads), so
+    # open_clip's "initialized partially" is expected; a user's own CLIP checkpoint keeps every message
+    quiet = _quiet_expected_build_noise() if pretrained is None else contextlib.nullcontext()
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device="cpu", **image_kwargs, **overrides
-        )
+        with quiet:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device="cpu", **image_kwargs, **overrides
+            )
     except (RuntimeError, OSError, ValueError) as exc:
         raise EncoderError(
             f"could not build CLIP model {name!r} (pretrained={pretrained!r}): {exc}. No hub access here: give "
@@ -202,6 +243,10 @@ class ClipEncoder:
         )
         if self.checkpoint is not None:
             load_checkpoint_weights(self.model, self.checkpoint)
+            logger.info("CLIP %s: weights from the checkpoint %s", model, self.checkpoint)
+        elif pretrained is None:
+            logger.info("CLIP %s: %s, projection heads untrained (align them on the catalog with `kgrec encoders "
+                        "fit-clip`)", model, "packaged tower weights" if packaged_towers else f"random weights (seed {seed})")
         self.model.to(self.device).eval()
         self._model_id: str | None = None
         self._dim: int | None = None

@@ -3,8 +3,13 @@ here, so that stages can be wired independently."""
 from __future__ import annotations
 
 import logging
+import warnings
 
 import typer
+
+# torch_geometric scripts a class with torch.jit.script when it is imported, which recent torch marks deprecated:
+# a warning about PyG's code that a command's user can do nothing about, so the command line does not show it
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 app = typer.Typer(
     name="kgrec",

@@ -1,0 +1,55 @@
+"""Building the default CLIP from packaged weights tells the user one thing in our words, not the libraries' noise."""
+from __future__ import annotations
+
+import logging
+
+from encoders.clip import _only_unused_pooler
+
+POOLER_ONLY = """BertModel LOAD REPORT from: /x/model
+Key                 | Status     |  | 
+--------------------+------------+--+-
+pooler.dense.bias   | UNEXPECTED |  | 
+pooler.dense.weight | UNEXPECTED |  | 
+
+Notes:
+- UNEXPECTED:	can be ignored when loading from different task/architecture"""
+
+
+def test_only_a_report_of_unused_pooler_weights_counts_as_expected() -> None:
+    assert _only_unused_pooler(POOLER_ONLY)
+    missing = POOLER_ONLY.replace("pooler.dense.bias   | UNEXPECTED", "encoder.layer.0.q   | MISSING   ")
+    assert not _only_unused_pooler(missing)
+    assert not _only_unused_pooler(POOLER_ONLY.replace("pooler.dense.weight", "embeddings.word_weight"))
+    assert not _only_unused_pooler("BertModel LOAD REPORT from: /x/model\n")
+
+
+def test_default_clip_builds_without_library_warnings(caplog, capfd) -> None:
+    from encoders.clip import ClipEncoder
+
+    root = logging.getLogger()
+    filters_before = list(root.filters)
+    with caplog.at_level(logging.INFO):
+        ClipEncoder(device="cpu")  # packaged EfficientNet-Lite0 + MiniLM towers, projections untrained
+    out = capfd.readouterr()
+    text = caplog.text + out.err + out.out
+    assert "initialized partially" not in text and "LOAD REPORT" not in text
+    assert "Parsing model identifier" not in text  # open_clip's factory steps on the root logger
+    ours = [r.getMessage() for r in caplog.records if r.name == "encoders.clip"]
+    assert ours == ["CLIP kgrec-effnetlite0-minilm: packaged tower weights, projection heads untrained (align them on "
+                    "the catalog with `kgrec encoders fit-clip`)"]
+    assert root.filters == filters_before  # the filter is removed again
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger().warning("Model elsewhere initialized partially.")  # outside a build: not filtered
+    assert "initialized partially" in caplog.text
+
+
+def test_the_command_line_hides_pygs_import_time_deprecation_warning() -> None:
+    import subprocess
+    import sys
+
+    code = ("import warnings; warnings.simplefilter('default'); import kgrec.cli; import torch_geometric.nn; "
+            "import fusion.gnn; print('ok')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+    assert "torch.jit.script` is deprecated" not in run.stderr
