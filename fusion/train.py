@@ -159,8 +159,9 @@ def fit_embeddings(
         net: nn.Module = model
         if distributed:
             net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-        tu = torch.as_tensor(np.asarray(train_users), dtype=torch.long)
-        ti = torch.as_tensor(np.asarray(train_items), dtype=torch.long)
+        # copies: the caller's arrays may be read-only views (pandas / pyarrow), which torch warns about sharing
+        tu = torch.tensor(np.asarray(train_users, dtype=np.int64))
+        ti = torch.tensor(np.asarray(train_items, dtype=np.int64))
         n = len(tu)
         if n == 0:
             raise DataError("no training interactions to learn from")
@@ -175,10 +176,11 @@ def fit_embeddings(
         best, best_state, since_best = -1.0, None, 0
         kw = forward_kwargs or (lambda training: {})
         epochs = range(cfg.epochs)
+        bar = None
         if progress and rank == 0:
             from tqdm.auto import tqdm
 
-            epochs = tqdm(epochs, desc="train" if world == 1 else f"train (ddp x{world})", unit="epoch")
+            epochs = bar = tqdm(epochs, desc="train" if world == 1 else f"train (ddp x{world})", unit="epoch")
         for epoch in epochs:
             net.train()
             t0 = time.perf_counter()
@@ -235,11 +237,31 @@ def fit_embeddings(
                 else:
                     since_best += 1
                 if rank == 0:
-                    logger.info("epoch %d loss %.4f (%.2fs) valid ndcg@20 %.4f", epoch, rec.loss, rec.train_seconds,
-                                score)
+                    # with a progress bar the epoch's numbers go into it (a log line per epoch would break the bar)
+                    logger.log(logging.INFO if bar is None else logging.DEBUG,
+                               "epoch %d loss %.4f (%.2fs) valid ndcg@20 %.4f", epoch, rec.loss, rec.train_seconds,
+                               score)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec.loss:.4f}", ndcg20=f"{score:.4f}", best=f"{best:.4f}",
+                                        refresh=False)
+            elif bar is not None:
+                bar.set_postfix(loss=f"{rec.loss:.4f}", refresh=False)
             history.append(rec)
             if valid is not None and valid.nnz and since_best >= cfg.patience:
                 break
+        if bar is not None:
+            bar.close()
+        if rank == 0 and history:
+            scored = [r for r in history if r.valid]
+            if scored:
+                top = scored[0]
+                for r in scored:  # the one kept: the last of equal bests, as in the loop
+                    top = r if r.valid["ndcg@20"] >= top.valid["ndcg@20"] else top
+                logger.info("trained %d epochs (%.1fs); best valid ndcg@20 %.4f at epoch %d, kept", len(history),
+                            sum(r.train_seconds for r in history), top.valid["ndcg@20"], top.epoch)
+            else:
+                logger.info("trained %d epochs (%.1fs), final loss %.4f", len(history),
+                            sum(r.train_seconds for r in history), history[-1].loss)
         if best_state is not None:
             model.load_state_dict(best_state)
         model.eval()
@@ -571,10 +593,16 @@ def add_ease_term(tm: TrainedModel, valid: sp.csr_matrix, cfg: FusionConfig, dev
         for w in cfg.hybrid_weights:
             tm.item_item, tm.hybrid_weight = b, w * emb_scale / ease_scale
             res = evaluate(lambda u: tm.score_all(u), valid, tm.train_matrix, ks=(20,))
-            logger.info("hybrid lambda %.0f weight %.2f: valid ndcg@20 %.4f", lam, w, res["ndcg@20"])
+            logger.debug("hybrid lambda %.0f weight %.2f: valid ndcg@20 %.4f", lam, w, res["ndcg@20"])
             if res["ndcg@20"] > best[0]:
-                best = (res["ndcg@20"], b, tm.hybrid_weight, lam)
-    _, tm.item_item, tm.hybrid_weight, tm.ease_lambda = best
+                best = (res["ndcg@20"], b, tm.hybrid_weight, lam, w)
+    score, tm.item_item, tm.hybrid_weight, tm.ease_lambda, chosen = best
+    tried = len(cfg.ease_lambdas) * len(cfg.hybrid_weights)
+    if chosen:
+        logger.info("EASE term: lambda %.0f, weight %.2f, chosen on valid ndcg@20 %.4f (%d settings tried)",
+                    tm.ease_lambda, chosen, score, tried)
+    else:
+        logger.info("EASE term: not used, weight 0 is best on valid ndcg@20 %.4f (%d settings tried)", score, tried)
     if tm.hybrid_weight == 0:
         tm.item_item, tm.ease_lambda = None, None
 

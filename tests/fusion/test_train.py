@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import logging
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -314,3 +317,47 @@ def test_single_modality_fusion_skips_scoring_with_same_result() -> None:
     both[0, 1] = True  # one item with two modalities: scored by attention, weights strictly between 0 and 1
     _, w = fusion(None, text, image, both)
     assert 0 < w[0, 0] < 1 and torch.allclose(w[0, :2].sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_epoch_numbers_go_into_the_progress_bar_and_one_summary_line_is_logged(taste, caplog, capsys) -> None:
+    shape = (taste.num_users, taste.num_items)
+    tu, ti = _pairs(taste, 0)
+    ro_u, ro_i = tu.copy(), ti.copy()
+    ro_u.flags.writeable = ro_i.flags.writeable = False  # read-only inputs (pyarrow / pandas views) are copied
+    valid = to_csr(*_pairs(taste, 1), shape)
+    with caplog.at_level(logging.INFO, logger="fusion.train"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            hist = fit_embeddings(MatrixFactorization(*shape, dim=8), *shape, ro_u, ro_i,
+                                  _cfg(epochs=3, patience=10), valid=valid, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fusion.train"]
+    assert not any(m.startswith("epoch ") for m in lines)  # no per-epoch INFO line under a bar
+    kept = hist[0]
+    for h in hist:
+        kept = h if h.valid["ndcg@20"] >= kept.valid["ndcg@20"] else kept
+    assert lines == [f"trained 3 epochs ({sum(h.train_seconds for h in hist):.1f}s); best valid ndcg@20 "
+                     f"{kept.valid['ndcg@20']:.4f} at epoch {kept.epoch}, kept"]
+    err = capsys.readouterr().err
+    assert f"ndcg20={hist[-1].valid['ndcg@20']:.4f}" in err and "3/3" in err  # the bar carries the numbers
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fusion.train"):
+        fit_embeddings(MatrixFactorization(*shape, dim=8), *shape, tu, ti, _cfg(epochs=2, patience=10), valid=valid)
+    assert sum(r.getMessage().startswith("epoch ") for r in caplog.records) == 2  # without a bar: a line per epoch
+
+
+def test_the_ease_term_choice_is_one_info_line(taste, trained, caplog) -> None:
+    import copy
+
+    from fusion.train import add_ease_term
+
+    tm = copy.deepcopy(trained)
+    tm.item_item, tm.hybrid_weight, tm.ease_lambda = None, 0.0, None
+    valid = to_csr(*_pairs(taste, 1), (taste.num_users, taste.num_items))
+    with caplog.at_level(logging.INFO, logger="fusion.train"):
+        add_ease_term(tm, valid, _cfg(ease_lambdas=[20.0, 50.0], hybrid_weights=[0.0, 1.0, 2.0]))
+    lines = [r.getMessage() for r in caplog.records if r.name == "fusion.train" and r.levelno == logging.INFO]
+    assert len(lines) == 1 and lines[0].startswith("EASE term: ") and "(6 settings tried)" in lines[0]
+    if tm.hybrid_weight:
+        assert f"lambda {tm.ease_lambda:.0f}, weight " in lines[0]
+    else:
+        assert lines[0].startswith("EASE term: not used")
