@@ -73,8 +73,16 @@ def fit_ranker(
         position = np.concatenate([np.arange(g) for g in valid.group]).astype(float)  # retrieval order
         report["valid_ndcg@20_ranker"] = ndcg_at_k(ranker.predict(valid.X), valid.y, valid.group, 20, ranker.label_gain)
         report["valid_ndcg@20_retrieval"] = ndcg_at_k(-position, valid.y, valid.group, 20, ranker.label_gain)
+        report["beats_retrieval"] = bool(report["valid_ndcg@20_ranker"] > report["valid_ndcg@20_retrieval"])
     ranker.metrics_.update(report)
     logger.info("re-ranker: %s", report)
+    if not report.get("beats_retrieval", True):
+        logger.warning(
+            "the re-ranker does not beat the retrieval order on its %d validation users (NDCG@20 %.4f vs %.4f, "
+            "best iteration %d): its order is kept, but compare the gnn and gnn+ranker rows of the metrics; more "
+            "held-out events (users with valid events) or a smaller ranking.num_leaves usually help",
+            report["valid_groups"], report["valid_ndcg@20_ranker"], report["valid_ndcg@20_retrieval"],
+            report["best_iteration"] or 0)
     return ranker, report
 
 

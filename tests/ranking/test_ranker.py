@@ -99,12 +99,33 @@ def test_fit_ranker_and_evaluation_table(trained):
     ranker, report = fit_ranker(t.builder, train_users, t.candidates[train_users], t.world.test_events,
                                 config=small_config(), valid_fraction=0.25)
     assert report["train_groups"] > 100 and report["valid_groups"] > 20
-    assert report["valid_ndcg@20_ranker"] > report["valid_ndcg@20_retrieval"]
+    assert report["valid_ndcg@20_ranker"] > report["valid_ndcg@20_retrieval"] and report["beats_retrieval"]
     table = evaluate_reranking(ranker, t.builder, test_users, t.candidates[test_users], t.world.test_events)
     assert table["users"] == len(test_users) and 0 < table["users_with_hit"] <= len(test_users)
     assert table["reranked"]["ndcg@10"] > table["retrieval"]["ndcg@10"]
     assert table["reranked"]["recall@20"] >= table["retrieval"]["recall@20"] * 0.9
     assert 0 <= table["retrieval"]["recall@10"] <= table["retrieval"]["recall@20"] <= 1
+
+
+def test_a_ranker_that_cannot_beat_the_retrieval_order_is_reported(trained, caplog):
+    # candidates in an oracle order (each user's held-out items first, best grade first): no ranker can do better
+    import logging
+
+    from ranking.ranker import grade_matrix
+    from ranking.train import fit_ranker
+
+    t = trained
+    users = np.arange(t.ctx.num_users * 8 // 10)
+    grades = grade_matrix(t.world.test_events, t.ctx.user_ids, t.ctx.item_ids)[users].toarray()
+    cand = t.candidates[users]
+    g = np.take_along_axis(grades, cand, axis=1)
+    oracle = np.take_along_axis(cand, np.argsort(-g, axis=1, kind="stable"), axis=1)
+    with caplog.at_level(logging.WARNING, logger="ranking.train"):
+        _, report = fit_ranker(t.builder, users, oracle, t.world.test_events, config=small_config(),
+                               valid_fraction=0.25)
+    assert report["valid_ndcg@20_retrieval"] == pytest.approx(1.0)
+    assert not report["beats_retrieval"]
+    assert "does not beat the retrieval order" in caplog.text and f"{report['valid_groups']} validation users" in caplog.text
 
 
 def test_padded_candidates_get_no_training_row_and_no_label(trained):
