@@ -262,8 +262,11 @@ def fit_clip(dataset: Dataset, out_dir: str | Path, config: FitClipConfig | None
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     curve: list[dict[str, float]] = []
-    best_val, best_state, bad_epochs = math.inf, None, 0
-    for epoch in range(cfg.epochs):
+    best_val, best_state, bad_epochs, best_epoch = math.inf, None, 0, 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(cfg.epochs), desc="fit-clip", unit="epoch")
+    for epoch in bar:
         set_train(True)
         perm = train_idx[rng.permutation(len(train_idx))]
         losses = []
@@ -283,15 +286,19 @@ def fit_clip(dataset: Dataset, out_dir: str | Path, config: FitClipConfig | None
                                 or [float("nan")]))
         curve.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                       "val_loss": val, "temperature": float(1 / model.logit_scale.detach().exp())})
-        logger.info("fit-clip epoch %d: train %.4f val %.4f", epoch + 1, curve[-1]["train_loss"], val)
+        logger.debug("fit-clip epoch %d: train %.4f val %.4f", epoch + 1, curve[-1]["train_loss"], val)
         if val < best_val - 1e-4:
-            best_val, bad_epochs = val, 0
+            best_val, bad_epochs, best_epoch = val, 0, epoch + 1
             best_state = {n: p.detach().clone() for n, p in trainable.items()}
         else:
             bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                break
+        bar.set_postfix(train=f"{curve[-1]['train_loss']:.4f}", val=f"{val:.4f}", best=f"{best_val:.4f}", refresh=False)
+        if bad_epochs >= cfg.patience:
+            break
+    bar.close()
     if best_state is not None:
+        logger.info("fit-clip trained %d epochs; best held-out loss %.4f at epoch %d, kept", len(curve), best_val,
+                    best_epoch)
         with torch.no_grad():
             for n, p in trainable.items():
                 p.copy_(best_state[n])

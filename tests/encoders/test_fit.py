@@ -2,21 +2,30 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 
 
 @pytest.mark.slow
-def test_fit_clip_full_mode_tiny_model_checkpoint_roundtrip(demo_dataset, tmp_path):
+def test_fit_clip_full_mode_tiny_model_checkpoint_roundtrip(demo_dataset, tmp_path, caplog):
     from encoders.clip import ClipEncoder
     from encoders.fit_clip import FitClipConfig, fit_clip
 
     out = tmp_path / "clip"
-    result = fit_clip(demo_dataset, out, FitClipConfig(model="kgrec-tiny-test", mode="full", epochs=4, batch_size=64,
-                                                       lr=1e-3, image_size=32, device="cpu", patience=10))
+    with caplog.at_level(logging.INFO, logger="encoders.fit_clip"):
+        result = fit_clip(demo_dataset, out, FitClipConfig(model="kgrec-tiny-test", mode="full", epochs=4,
+                                                           batch_size=64, lr=1e-3, image_size=32, device="cpu",
+                                                           patience=10))
     assert result.metrics["mode"] == "full"
     curve = result.curve
+    # the epochs go into a progress bar; one line says what was kept
+    best = min(curve, key=lambda c: c["val_loss"])
+    trained = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit-clip trained")]
+    assert trained == [f"fit-clip trained 4 epochs; best held-out loss {best['val_loss']:.4f} at epoch "
+                       f"{best['epoch']}, kept"]
+    assert not any(r.getMessage().startswith("fit-clip epoch") for r in caplog.records)
     assert curve[-1]["train_loss"] < curve[0]["train_loss"]
     for name in ("clip_config.json", "clip_weights.safetensors", "metrics.json", "training_curve.png"):
         assert (out / name).is_file()
