@@ -157,8 +157,8 @@ class PyGLightGCN(nn.Module):
         from torch_geometric.nn.models import LightGCN
 
         self.num_users, self.num_items = num_users, num_items
-        u = torch.as_tensor(np.asarray(train_users), dtype=torch.long)
-        i = torch.as_tensor(np.asarray(train_items), dtype=torch.long) + num_users
+        u = torch.tensor(np.asarray(train_users, dtype=np.int64))  # a copy: the inputs may be read-only views
+        i = torch.tensor(np.asarray(train_items, dtype=np.int64)) + num_users
         n = num_users + num_items
         edge_index = torch.stack([torch.cat([u, i]), torch.cat([i, u])])
         # a torch sparse CSR adjacency takes PyG's SpMM path: same result as the edge_index, ~8x faster (measured)
