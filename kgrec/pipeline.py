@@ -1390,6 +1390,7 @@ class Recommender:
         """
         ds = new_data if isinstance(new_data, Dataset) else Dataset.open(new_data)
         new_items = ds.items
+        self._refuse_changed_items(new_items[new_items["item_id"].isin(self.item_pos)])
         new_items = new_items[~new_items["item_id"].isin(self.item_pos)].reset_index(drop=True)
         new_events = ds.events
         if len(new_items):  # checked before anything is written: a refusal changes nothing
@@ -1461,6 +1462,40 @@ class Recommender:
                            "a full retrain (`kgrec train`) is suggested", drift["drift"], retrain_threshold,
                            100 * drift["new_item_share"], 100 * drift["untrained_event_share"])
         return drift
+
+    def _refuse_changed_items(self, known: pd.DataFrame) -> None:
+        """Raise (before anything is written) when items the model knows come back with another brand, category or
+        attributes: the graph's MERGE would keep the old relationships next to the new ones (two brands, two
+        categories), and the item's vectors would describe the old item."""
+        cols = [c for c in ("brand", "category", "attributes") if c in known.columns and c in self.items.columns]
+        if not len(known) or not cols:
+            return
+        ours = self.items[~self.items.index.duplicated()]
+
+        def norm(v: Any, col: str) -> str:
+            if v is None or (isinstance(v, float) and np.isnan(v)):
+                return ""
+            if col == "attributes":
+                try:
+                    return json.dumps(json.loads(v) if isinstance(v, str) else v, sort_keys=True)
+                except (TypeError, ValueError):
+                    return str(v)
+            return str(v)
+
+        changed = []
+        for row in known.itertuples(index=False):
+            item = getattr(row, "item_id")
+            diff = [c for c in cols if norm(getattr(row, c), c) != norm(ours.at[item, c], c)]
+            if diff:
+                changed.append((item, diff))
+        if changed:
+            item, diff = changed[0]
+            was, now = ours.at[item, diff[0]], known.loc[known["item_id"] == item, diff[0]].iloc[0]
+            raise DataError(
+                f"{len(changed)} item(s) the model already knows come with another "
+                f"{' / '.join(sorted({c for _, d in changed for c in d}))} (e.g. {item!r}: {diff[0]} {was!r} -> "
+                f"{now!r}): an update adds new items, users and events; changed items need a retrain (`kgrec train` "
+                "on the corrected catalog), or leave them out of the update's items. Nothing was changed.")
 
     def _content_modality_weights(self, emb: Any) -> tuple[Any, np.ndarray]:
         import torch

@@ -549,6 +549,30 @@ def test_update_that_cannot_encode_new_items_changes_nothing(fitted, demo_datase
     assert rec.store.counts() == counts and "NEW-1" not in rec.item_pos
 
 
+def test_update_refuses_known_items_that_come_back_changed(fitted, demo_dataset, tmp_path):
+    """A known item id with another brand / category / attributes would get a second MADE_BY / IN_CATEGORY next to
+    the old one (MERGE keeps both): refused before anything is written; an unchanged copy is fine."""
+    from kgrec.data.schema import Dataset
+
+    rec = Recommender.load(fitted.save(tmp_path / "b"))
+    items = demo_dataset.items.reset_index(drop=True)
+    same = items.iloc[[0, 1]]
+    other_brand = next(b for b in items["brand"].dropna().unique() if b != items["brand"].iloc[1])
+    changed = same.assign(brand=[same["brand"].iloc[0], other_brand])
+    empty = demo_dataset.events.iloc[:0]
+    counts = rec.store.counts()
+    bad = Dataset.write(tmp_path / "bad", {"items": changed, "events": empty}, images_from=demo_dataset.root)
+    with pytest.raises(DataError, match=r"1 item\(s\) the model already knows come with another brand .*"
+                                        + items["item_id"].iloc[1] + ".*Nothing was changed"):
+        rec.update(bad)
+    assert rec.store.counts() == counts
+    # attributes compare as JSON (key order does not matter); the unchanged copy is accepted
+    reordered = same.assign(attributes=[json.dumps(dict(reversed(list(json.loads(a).items())))) if isinstance(a, str)
+                                        else a for a in same["attributes"]])
+    ok = Dataset.write(tmp_path / "ok", {"items": reordered, "events": empty}, images_from=demo_dataset.root)
+    assert rec.update(ok)["new_items"] == 0 and rec.store.counts() == counts
+
+
 def test_a_loaded_bundles_graph_is_written_only_by_save(fitted, tmp_path):
     """The embedded store of a loaded bundle is not bound to the bundle's graph/ directory: closing it after a
     change must not rewrite that directory in place (the manifest hashes it); saving leaves no binding to the
