@@ -237,10 +237,9 @@ def fit_embeddings(
                 else:
                     since_best += 1
                 if rank == 0:
-                    # with a progress bar the epoch's numbers go into it (a log line per epoch would break the bar)
-                    logger.log(logging.INFO if bar is None else logging.DEBUG,
-                               "epoch %d loss %.4f (%.2fs) valid ndcg@20 %.4f", epoch, rec.loss, rec.train_seconds,
-                               score)
+                    # per epoch at DEBUG (and in the progress bar); one summary line at INFO after the loop
+                    logger.debug("epoch %d loss %.4f (%.2fs) valid ndcg@20 %.4f", epoch, rec.loss, rec.train_seconds,
+                                 score)
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec.loss:.4f}", ndcg20=f"{score:.4f}", best=f"{best:.4f}",
                                         refresh=False)

@@ -41,6 +41,9 @@ def test_every_baseline_and_ablation_on_the_demo_catalog(demo_dataset, tiny_enco
     assert data["split"] == "temporal" and [r["model"] for r in data["rows"]] == names
     md = (tmp_path / "out" / "results.md").read_text()
     assert all(f"| {n} |" in md for n in names) and "precision@20" in md
+    # encoding is reported once, not added to the first ablation's fit time
+    assert res.encode_seconds > 0 and data["encode_seconds"] == res.encode_seconds
+    assert f"share {res.encode_seconds:.1f} s of item encoding" in md
     with Image.open(tmp_path / "out" / "results.png") as im:
         assert im.format == "PNG" and im.size[0] > 500
 
