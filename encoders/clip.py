@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from encoders.images import LoadedImage, load_image
-from encoders.text import PACKAGED_PREFIX, module_fingerprint, resolve_device, resolve_text_model
+from encoders.text import (PACKAGED_PREFIX, module_fingerprint, quiet_weight_loading, resolve_device,
+                           resolve_text_model)
 from kgrec.errors import EncoderError
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def build_clip(
     # open_clip's "initialized partially" is expected; a user's own CLIP checkpoint keeps every message
     quiet = _quiet_expected_build_noise() if pretrained is None else contextlib.nullcontext()
     try:
-        with quiet:
+        with quiet, quiet_weight_loading():
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, device="cpu", **image_kwargs, **overrides
             )

@@ -7,6 +7,7 @@ users whose machine has a hub cache) works the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -76,6 +77,21 @@ def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.
     return (last_hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+@contextlib.contextmanager
+def quiet_weight_loading() -> Iterator[None]:
+    """transformers draws a "Loading weights" progress bar for every model it loads (an instant for these sizes, and
+    several per command): off while our encoders load, restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 class TextEncoder:
     """Encodes texts into ``(n, dim)`` float32 L2-normalised vectors with a BERT-family model.
 
@@ -119,7 +135,8 @@ class TextEncoder:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-            model = AutoModel.from_pretrained(path, local_files_only=local)
+            with quiet_weight_loading():
+                model = AutoModel.from_pretrained(path, local_files_only=local)
         except (OSError, ValueError) as exc:
             raise EncoderError(
                 f"could not load text model {name!r} ({path}): {exc}. Give a local checkpoint directory "

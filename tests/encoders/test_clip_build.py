@@ -33,6 +33,7 @@ def test_default_clip_builds_without_library_warnings(caplog, capfd) -> None:
     out = capfd.readouterr()
     text = caplog.text + out.err + out.out
     assert "initialized partially" not in text and "LOAD REPORT" not in text
+    assert "Loading weights" not in text  # transformers' per-model weight-loading bar
     assert "Parsing model identifier" not in text  # open_clip's factory steps on the root logger
     ours = [r.getMessage() for r in caplog.records if r.name == "encoders.clip"]
     assert ours == ["CLIP kgrec-effnetlite0-minilm: packaged tower weights, projection heads untrained (align them on "
@@ -53,3 +54,15 @@ def test_the_command_line_hides_pygs_import_time_deprecation_warning() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
     assert "torch.jit.script` is deprecated" not in run.stderr
+
+
+def test_the_text_encoder_loads_without_a_weight_loading_bar(capfd) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from encoders.text import TextEncoder
+
+    assert hf_logging.is_progress_bar_enabled()
+    TextEncoder("packaged:all-MiniLM-L6-v2", device="cpu")
+    out = capfd.readouterr()
+    assert "Loading weights" not in out.err + out.out
+    assert hf_logging.is_progress_bar_enabled()  # restored for the user's own transformers calls
