@@ -19,12 +19,23 @@ app = typer.Typer(
 )
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level.")) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)  # no-op when main() configured it
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def main() -> None:
+    """The ``kgrec`` script: log lines go through tqdm, so they print above a running progress bar instead of being
+    glued onto it."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    with logging_redirect_tqdm():
+        app()
 
 
 def _register() -> None:
@@ -41,4 +52,4 @@ def _register() -> None:
 _register()
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()
