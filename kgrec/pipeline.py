@@ -738,10 +738,12 @@ class Recommender:
         u = self.user_pos.get(user_id)
         return u is not None and self.seen.indptr[u + 1] > self.seen.indptr[u]
 
-    def _user_index(self, user_id: str) -> int:
+    def _user_index(self, user_id: str, hint: bool = True) -> int:
         if user_id not in self.user_pos:
-            raise UnknownIdError(f"unknown user {user_id!r}: not in the training data; use search(text=...) "
-                                 "or recommend(..., query=...) for users without history")
+            # said in words that fit the Python API, the CLI and HTTP alike (all three show this message)
+            raise UnknownIdError(f"unknown user {user_id!r}: not in the training data" + (
+                "; a user without history is served from a text query or a few chosen items (search, a "
+                "recommendation with a query, or one from items)" if hint else ""))
         return self.user_pos[user_id]
 
     def _item_index(self, item_id: str) -> int:
@@ -884,7 +886,7 @@ class Recommender:
 
     def explain(self, user_id: str, item_id: str, query: str | None = None) -> Any:
         """The :class:`ranking.explain.Explanation` of why ``item_id`` suits ``user_id``."""
-        self._user_index(user_id)
+        self._user_index(user_id, hint=False)
         self._item_index(item_id)
         qvec = self._query_text_vector(query) if query else None
         return self.explainer.explain(user_id, item_id, query_vector=qvec)

@@ -95,7 +95,7 @@ def detect_format(source: str | Path) -> str:
     raise DataError(
         f"cannot tell the format of {root}: expected items.(csv|jsonl|parquet) (native), *.inter (RecBole), "
         f"train.txt/test.txt/kg_final.txt (KGAT) or articles.csv + transactions_train.csv (H&M); found "
-        f"{sorted(names)[:10]}. Pass fmt= / --format explicitly."
+        f"{sorted(names)[:10]}. Name the format: --format on the command line, fmt= in Python."
     )
 
 

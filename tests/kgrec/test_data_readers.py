@@ -182,7 +182,7 @@ def test_hm_layout(tmp_path):
 
 def test_unknown_layout_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(DataError, match="cannot tell the format"):
+    with pytest.raises(DataError, match="cannot tell the format.*--format on the command line, fmt= in Python"):
         detect_format(tmp_path)
     with pytest.raises(DataError, match="unknown format"):
         read_source(tmp_path, fmt="xml")

@@ -61,8 +61,13 @@ def test_recommend_excludes_seen_and_explains(fitted):
 
 
 def test_unknown_ids_are_clear_errors(fitted):
-    with pytest.raises(UnknownIdError, match="unknown user 'nobody'"):
+    with pytest.raises(UnknownIdError, match="unknown user 'nobody'") as err:
         fitted.recommend("nobody", 3)
+    # the hint fits every interface that shows it (Python, CLI, HTTP): no Python call syntax
+    assert "text query or a few chosen items" in str(err.value) and "=" not in str(err.value)
+    with pytest.raises(UnknownIdError) as err:
+        fitted.explain("nobody", fitted.item_ids[0])
+    assert str(err.value) == "unknown user 'nobody': not in the training data"  # no serving hint for explain
     with pytest.raises(UnknownIdError, match="unknown item"):
         fitted.similar("no-such-item", 3)
     with pytest.raises(DataError):
