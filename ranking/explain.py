@@ -162,12 +162,20 @@ class Explanation:
         lines = [f"{self.item_title} ({self.item_id}) for {self.user_id}: score {self.score:.3f}", f"  {self.sentence}"]
         for f in self.features:
             lines.append(f"  + {f.phrase}  [{f.name} = {_fmt(f.value)}, {f.contribution:+.3f}]")
+        against = sorted((v, k) for k, v in self.all_contributions.items() if v < 0)[:2]
+        if against:  # what held the score down, so the list above is not read as the whole story
+            lines.append("  - held back by: " + ", ".join(f"{k} {v:+.3f}" for v, k in against))
         for p in self.paths:
             lines.append(f"  path: {_plain(p.text)}")
         m = self.modality
         if m.weights:
-            w = ", ".join(f"{k} {v:.2f}" for k, v in m.weights.items())
-            lines.append(f"  modality weights: {w}; dominant: {m.dominant}")
+            # "weighed most" is weight x similarity to the user's history, so both factors are shown
+            parts = []
+            for k, v in m.weights.items():
+                sim = m.similarities.get(k)
+                parts.append(f"{k} {v:.2f}" + (f" x {sim:.2f} = {v * sim:.2f}" if sim is not None and sim == sim else " x n/a"))
+            lines.append(f"  modality weight x similarity to your history: {', '.join(parts)}; "
+                         f"weighed most: {m.dominant}")
         return "\n".join(lines)
 
 

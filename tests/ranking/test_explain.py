@@ -221,3 +221,24 @@ def test_report_embeds_only_files_that_are_pictures_inside(tmp_path):
         uri = image_data_uri(name, tmp_path, "Red thing")
         assert uri.startswith("data:image/svg+xml;base64,")
         assert b"PRIVATE KEY" not in base64.b64decode(uri.split(",", 1)[1])
+
+
+def test_terminal_text_shows_what_held_the_score_back_and_both_modality_factors(trained, explainer):
+    seen_against = 0
+    for _, _, exps in sample_explanations(trained, explainer, n_users=6):
+        for e in exps:
+            text = e.to_text()
+            negative = sorted((v, k) for k, v in e.all_contributions.items() if v < 0)[:2]
+            if negative:
+                seen_against += 1
+                assert "  - held back by: " + ", ".join(f"{k} {v:+.3f}" for v, k in negative) in text
+            else:
+                assert "held back by" not in text
+            m = e.modality
+            if m.weights:
+                line = next(l for l in text.splitlines() if "modality weight x similarity" in l)
+                assert line.endswith(f"weighed most: {m.dominant}")
+                for k, w in m.weights.items():
+                    s = m.similarities.get(k)
+                    assert (f"{k} {w:.2f} x {s:.2f} = {w * s:.2f}" if s is not None and s == s else f"{k} {w:.2f} x n/a") in line
+    assert seen_against > 0
