@@ -116,9 +116,11 @@ class _VisionSuffix(torch.nn.Module):
 
 @torch.inference_mode()
 def _frozen_vision_features(visual: torch.nn.Module, pixels: torch.Tensor, top_blocks: int, batch: int = 64) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
     trunk = visual.trunk
     outs = []
-    for start in range(0, len(pixels), batch):
+    for start in tqdm(range(0, len(pixels), batch), desc="fit-clip: frozen image features", unit="batch", leave=False):
         x = pixels[start:start + batch]
         x = trunk.bn1(trunk.conv_stem(x))
         n_keep = len(trunk.blocks) - top_blocks
@@ -206,7 +208,10 @@ def fit_clip(dataset: Dataset, out_dir: str | Path, config: FitClipConfig | None
     pairs = catalog_pairs(dataset)
     train_idx, hold_idx = split_pairs(len(pairs), cfg.holdout, cfg.seed)
     logger.info("fit-clip: %d pairs (%d train, %d held out), mode=%s", len(pairs), len(train_idx), len(hold_idx), mode)
-    pixels = torch.stack([encoder.preprocess(p["image"]) for p in pairs])
+    from tqdm.auto import tqdm
+
+    pixels = torch.stack([encoder.preprocess(p["image"])
+                          for p in tqdm(pairs, desc="fit-clip: preparing images", unit="img", leave=False)])
     tokens = encoder.tokenizer([p["text"] for p in pairs])
     attrs = [p["attrs"] for p in pairs]
 
@@ -263,8 +268,6 @@ def fit_clip(dataset: Dataset, out_dir: str | Path, config: FitClipConfig | None
     rng = np.random.default_rng(cfg.seed)
     curve: list[dict[str, float]] = []
     best_val, best_state, bad_epochs, best_epoch = math.inf, None, 0, 0
-    from tqdm.auto import tqdm
-
     bar = tqdm(range(cfg.epochs), desc="fit-clip", unit="epoch")
     for epoch in bar:
         set_train(True)

@@ -103,7 +103,7 @@ class Ranker:
         self.metrics_ = {"best_iteration": self.best_iteration_, "train_rows": int(len(X)), "train_groups": int(len(group))}
         if eval_X is not None and model.best_score_:
             self.metrics_["valid_ndcg@20"] = float(model.best_score_["valid_0"]["ndcg@20"])
-        logger.info("ranker trained: %s", self.metrics_)
+        logger.debug("ranker trained: %s", self.metrics_)  # fit_ranker logs the fuller report at INFO
         return self
 
     def _check(self) -> None:

@@ -75,7 +75,7 @@ def fit_ranker(
         report["valid_ndcg@20_retrieval"] = ndcg_at_k(-position, valid.y, valid.group, 20, ranker.label_gain)
         report["beats_retrieval"] = bool(report["valid_ndcg@20_ranker"] > report["valid_ndcg@20_retrieval"])
     ranker.metrics_.update(report)
-    logger.info("re-ranker: %s", report)
+    logger.info("re-ranker: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()})
     if not report.get("beats_retrieval", True):
         logger.warning(
             "the re-ranker does not beat the retrieval order on its %d validation users (NDCG@20 %.4f vs %.4f, "
