@@ -93,8 +93,25 @@ def evaluate(
         typer.echo(f"wrote {', '.join(res.files.values())}")
         return
     info = read_manifest(bundle, verify=False)
-    metrics = json.loads((info.path / "evaluation.json").read_text(encoding="utf-8"))
+    metrics = _read_stored_metrics(info.path / "evaluation.json")
     typer.echo(json.dumps(metrics, indent=2) if as_json else metrics_table(metrics))
+
+
+def _read_stored_metrics(path: Path) -> dict[str, Any]:
+    """The metrics a bundle was evaluated with (evaluation.json), or a BundleError naming the file when it is
+    missing or damaged (``evaluate`` reads the manifest without verifying hashes, so damage shows up here)."""
+    from kgrec.errors import BundleError
+
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path} is missing; the bundle is incomplete, re-run `kgrec train`") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} cannot be read ({exc}); the bundle is damaged, re-run `kgrec train`") from exc
+    if not isinstance(metrics, dict):
+        raise BundleError(f"{path} holds a JSON {type(metrics).__name__}, not an object of metrics; the bundle is "
+                          "damaged, re-run `kgrec train`")
+    return metrics
 
 
 @clean_errors
