@@ -534,11 +534,19 @@ def freeze_loaded_objects() -> int:
 
     Without this, each full collection walks the whole loaded model while requests wait: pauses of hundreds of
     milliseconds at 100,000 items, which land in the p99. Requests' own garbage is still collected as usual. Call
-    it once, after loading and warming up, in a process that serves until it exits."""
+    it once, after loading and warming up, in a process that serves until it exits.
+
+    The objects are unfrozen when the process exits (``atexit``, so in every serving process: ``kgrec serve``,
+    its ``--workers`` processes): frozen objects are never collected at interpreter shutdown, and nanobind
+    extensions (triton, imported by torch) then print a "nanobind: leaked ... instances" report of ~35 lines
+    after uvicorn's "Finished server process"."""
+    import atexit
     import gc
 
     gc.collect()
     gc.freeze()
+    atexit.unregister(gc.unfreeze)  # once per process, however often this is called
+    atexit.register(gc.unfreeze)
     n = gc.get_freeze_count()
     logger.info("froze %d loaded objects out of the garbage collector", n)
     return n
