@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from kgrec.commands._common import CONFIG_OPTION, clean_errors, load_config
+from kgrec.commands._common import CONFIG_OPTION, check_query_text, clean_errors, load_config
 from kgrec.evaluation import ABLATIONS, BASELINES  # the module imports numpy only at the top
 
 _EVAL_BASELINES, _EVAL_ABLATIONS = BASELINES, tuple(ABLATIONS)
@@ -131,6 +131,7 @@ def recommend(
     from kgrec.errors import DataError
     from kgrec.pipeline import Recommender
 
+    check_query_text(query, "--query")
     if items is not None:
         if user is not None or query is not None or explain_ or html is not None:
             raise DataError("--items stands for a user without history: give it without USER, --query, --explain "
@@ -176,7 +177,8 @@ def search(
     from kgrec.errors import DataError
     from kgrec.pipeline import Recommender
 
-    if not text and image is None:
+    check_query_text(text, "the text query")
+    if text is None and image is None:
         raise DataError("give a text query or --image FILE")
     if image is not None and not image.is_file():
         raise DataError(f"query image {image} does not exist")
@@ -195,6 +197,7 @@ def explain(
     """Why an item suits a user: KG paths, feature contributions, which modality mattered."""
     from kgrec.pipeline import Recommender
 
+    check_query_text(query, "--query")
     rec = Recommender.load(bundle)
     e = rec.explain(user, item, query=query)
     typer.echo(json.dumps(e.to_dict(), indent=2, default=float) if as_json else e.to_text())
