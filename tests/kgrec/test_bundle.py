@@ -97,3 +97,33 @@ def test_cli_evaluate_on_a_manifest_that_is_a_list_is_a_one_line_error(tmp_path)
     (path / "manifest.json").write_text("[]", encoding="utf-8")
     res = CliRunner().invoke(app, ["evaluate", "-b", str(path)])
     assert res.exit_code == 2 and "not an object" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("argv", [["evaluate", "{b}"], ["train", "{b}", "--out", "{tmp}/out"], ["encode", "{b}"],
+                                  ["enrich", "{b}", "--no-encoders"], ["encoders", "fit-clip", "{b}", "--out", "{tmp}/clip"]],
+                         ids=lambda a: " ".join(a[:2]).replace(" {b}", ""))
+def test_a_bundle_given_where_a_dataset_is_expected_says_so(tmp_path, argv):
+    """`kgrec evaluate demo/bundle` said "dataset schema version None is not supported": the directory has a
+    manifest, but a bundle's. Every command that opens a dataset now names the mix-up."""
+    from kgrec.cli import app
+    from kgrec.data.schema import Dataset
+    from kgrec.errors import DataError
+
+    path = _bundle(tmp_path / "b")
+    with pytest.raises(DataError, match=r"b is a model bundle, not a dataset: use --bundle/-b"):
+        Dataset.open(path)
+    res = CliRunner().invoke(app, [a.format(b=path, tmp=tmp_path) for a in argv])
+    assert res.exit_code == 2, res.output
+    assert f"error: {path} is a model bundle, not a dataset: use --bundle/-b" in res.output
+    assert "schema version" not in res.output
+
+
+@pytest.mark.parametrize("body", ["{", "[]"])
+def test_a_dataset_manifest_that_is_not_a_json_object_is_a_data_error(tmp_path, body):
+    from kgrec.data.schema import Dataset
+    from kgrec.errors import DataError
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "manifest.json").write_text(body, encoding="utf-8")
+    with pytest.raises(DataError, match="manifest.json .*the dataset is damaged"):
+        Dataset.open(tmp_path / "ds")
