@@ -261,26 +261,33 @@ def demo(
     cfg = load_config(config, **{"fusion.epochs": epochs})
     out.mkdir(parents=True, exist_ok=True)
     raw, ds_dir, bundle = out / "raw", out / "dataset", out / "bundle"
-    typer.secho("== 1/6 generating the demo catalog", bold=True)
+    n_steps = 6 if fit_clip_ else 5  # without fit-clip the steps are numbered 1..5, with no gap
+    steps = iter(range(1, n_steps + 1))
+
+    def step(title: str) -> None:
+        typer.secho(f"== {next(steps)}/{n_steps} {title}", bold=True)
+
+    step("generating the demo catalog")
     generate_catalog(raw, n_items=items, n_users=users, seed=seed, images=True, progress=True)
-    typer.secho("== 2/6 ingesting (validation + quarantine)", bold=True)
+    step("ingesting (validation + quarantine)")
     report = ingest(raw, ds_dir, config=cfg.data, progress=True)
     typer.echo(report.to_text())
     if fit_clip_:
-        typer.secho("== 3/6 aligning CLIP on the catalog (fit-clip)", bold=True)
+        step("aligning CLIP on the catalog (fit-clip)")
         from encoders.fit_clip import fit_clip
+        from kgrec.commands.encoders import fit_clip_report
         from kgrec.data.schema import Dataset
 
         result = fit_clip(Dataset.open(ds_dir), out / "clip")
         cfg.encoders.clip_checkpoint = str(out / "clip")
-        typer.echo(_fit_clip_summary(result))
-    typer.secho("== 4/6 training: knowledge graph, encoders, GNN + fusion, LightGBM ranker", bold=True)
+        typer.echo(fit_clip_report(result, out / "clip"))
+    step("training: knowledge graph, encoders, GNN + fusion, LightGBM ranker")
     rec = Recommender.fit(ds_dir, cfg)
     rec.save(bundle)
-    typer.secho("== 5/6 evaluation on the held-out test split (RecBole definitions)", bold=True)
+    step("evaluation on the held-out test split (RecBole definitions)")
     typer.echo(metrics_table(rec.metrics))
     (out / "metrics.md").write_text(metrics_table(rec.metrics) + "\n", encoding="utf-8")
-    typer.secho("== 6/6 explained recommendations", bold=True)
+    step("explained recommendations")
     demo_users = _demo_users(rec, 3)
     results = {}
     for u in demo_users:
@@ -299,11 +306,3 @@ def _demo_users(rec: Any, n: int) -> list[str]:
     counts = rec.events["user_id"].value_counts()
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return [u for u, _ in ranked[:n]]
-
-
-def _fit_clip_summary(result: Any) -> str:
-    for attr in ("summary", "to_text"):
-        fn = getattr(result, attr, None)
-        if callable(fn):
-            return str(fn())
-    return str(getattr(result, "metrics", result))
