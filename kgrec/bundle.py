@@ -120,17 +120,25 @@ def read_manifest(path: str | Path, *, verify: bool = True) -> BundleInfo:
         manifest = json.loads(mf.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise BundleError(f"{mf} is not valid JSON ({exc}); the bundle is damaged, re-run `kgrec train`") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mf} holds a JSON {type(manifest).__name__}, not an object; the bundle is damaged, "
+                          "re-run `kgrec train`")
     version = manifest.get("format_version")
     if version != BUNDLE_FORMAT_VERSION:
         raise BundleError(
             f"bundle {root} has format version {version!r}, this kgrec {__version__} reads version "
             f"{BUNDLE_FORMAT_VERSION}; re-train it with this version (`kgrec train`)"
         )
-    missing = [name for name, _ in manifest.get("files", {}).items() if not (root / name).is_file()]
+    files = manifest.get("files")
+    # Without its file list a bundle cannot be checked at all: refuse it rather than load it unverified.
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise BundleError(f"{mf} has no valid \"files\" map (file name -> sha256), so the bundle cannot be "
+                          "verified; it is damaged, re-run `kgrec train`")
+    missing = [name for name in files if not (root / name).is_file()]
     if missing:
         raise BundleError(f"bundle {root} is incomplete: missing {', '.join(sorted(missing)[:5])}")
     if verify:
-        bad = [name for name, digest in manifest.get("files", {}).items() if file_fingerprint(root / name) != digest]
+        bad = [name for name, digest in files.items() if file_fingerprint(root / name) != digest]
         if bad:
             raise BundleError(f"bundle {root} is damaged: {', '.join(sorted(bad)[:5])} changed since it was written")
     return BundleInfo(root, manifest)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -84,7 +85,7 @@ def fit_clip_command(
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Align CLIP image and text towers on the catalog (InfoNCE, learnable temperature); print held-out quality."""
-    from encoders.fit_clip import FitClipConfig, fit_clip, summary_table
+    from encoders.fit_clip import FitClipConfig, fit_clip
     from kgrec.data.schema import Dataset
 
     cfg = load_config(config)
@@ -92,11 +93,18 @@ def fit_clip_command(
                        mode=mode, top_blocks=top_blocks, epochs=epochs, batch_size=batch_size, lr=lr,
                        image_size=image_size, seed=seed, device=device or cfg.encoders.device)
     result = fit_clip(Dataset.open(dataset), out, fc)
-    m = result.metrics
-    typer.echo(f"fit-clip ({m['mode']}) on {m['train']} pairs, {m['held_out']} held out, "
-               f"{m['epochs_run']} epochs, {result.seconds:.1f} s -> {out}")
-    typer.echo(_table(summary_table(m)))
+    typer.echo(fit_clip_report(result, out))
     typer.echo(f"use it: kgrec encode DATASET --clip-checkpoint {out}")
+
+
+def fit_clip_report(result: Any, out: Path) -> str:
+    """What ``fit_clip`` did, in the lines ``kgrec encoders fit-clip`` and ``kgrec demo`` print: one line on the
+    run, then per attribute the held-out zero-shot accuracy and P@10 before / after (``summary_table``)."""
+    from encoders.fit_clip import summary_table
+
+    m = result.metrics
+    return "\n".join([f"fit-clip ({m['mode']}) on {m['train']} pairs, {m['held_out']} held out, "
+                      f"{m['epochs_run']} epochs, {result.seconds:.1f} s -> {out}", _table(summary_table(m))])
 
 
 @clean_errors

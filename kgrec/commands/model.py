@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from kgrec.commands._common import CONFIG_OPTION, clean_errors, load_config
+from kgrec.commands._common import CONFIG_OPTION, check_query_text, clean_errors, load_config
 from kgrec.evaluation import ABLATIONS, BASELINES  # the module imports numpy only at the top
 
 _EVAL_BASELINES, _EVAL_ABLATIONS = BASELINES, tuple(ABLATIONS)
@@ -93,8 +93,25 @@ def evaluate(
         typer.echo(f"wrote {', '.join(res.files.values())}")
         return
     info = read_manifest(bundle, verify=False)
-    metrics = json.loads((info.path / "evaluation.json").read_text(encoding="utf-8"))
+    metrics = _read_stored_metrics(info.path / "evaluation.json")
     typer.echo(json.dumps(metrics, indent=2) if as_json else metrics_table(metrics))
+
+
+def _read_stored_metrics(path: Path) -> dict[str, Any]:
+    """The metrics a bundle was evaluated with (evaluation.json), or a BundleError naming the file when it is
+    missing or damaged (``evaluate`` reads the manifest without verifying hashes, so damage shows up here)."""
+    from kgrec.errors import BundleError
+
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path} is missing; the bundle is incomplete, re-run `kgrec train`") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} cannot be read ({exc}); the bundle is damaged, re-run `kgrec train`") from exc
+    if not isinstance(metrics, dict):
+        raise BundleError(f"{path} holds a JSON {type(metrics).__name__}, not an object of metrics; the bundle is "
+                          "damaged, re-run `kgrec train`")
+    return metrics
 
 
 @clean_errors
@@ -114,6 +131,7 @@ def recommend(
     from kgrec.errors import DataError
     from kgrec.pipeline import Recommender
 
+    check_query_text(query, "--query")
     if items is not None:
         if user is not None or query is not None or explain_ or html is not None:
             raise DataError("--items stands for a user without history: give it without USER, --query, --explain "
@@ -159,7 +177,8 @@ def search(
     from kgrec.errors import DataError
     from kgrec.pipeline import Recommender
 
-    if not text and image is None:
+    check_query_text(text, "the text query")
+    if text is None and image is None:
         raise DataError("give a text query or --image FILE")
     if image is not None and not image.is_file():
         raise DataError(f"query image {image} does not exist")
@@ -178,6 +197,7 @@ def explain(
     """Why an item suits a user: KG paths, feature contributions, which modality mattered."""
     from kgrec.pipeline import Recommender
 
+    check_query_text(query, "--query")
     rec = Recommender.load(bundle)
     e = rec.explain(user, item, query=query)
     typer.echo(json.dumps(e.to_dict(), indent=2, default=float) if as_json else e.to_text())
@@ -241,26 +261,33 @@ def demo(
     cfg = load_config(config, **{"fusion.epochs": epochs})
     out.mkdir(parents=True, exist_ok=True)
     raw, ds_dir, bundle = out / "raw", out / "dataset", out / "bundle"
-    typer.secho("== 1/6 generating the demo catalog", bold=True)
+    n_steps = 6 if fit_clip_ else 5  # without fit-clip the steps are numbered 1..5, with no gap
+    steps = iter(range(1, n_steps + 1))
+
+    def step(title: str) -> None:
+        typer.secho(f"== {next(steps)}/{n_steps} {title}", bold=True)
+
+    step("generating the demo catalog")
     generate_catalog(raw, n_items=items, n_users=users, seed=seed, images=True, progress=True)
-    typer.secho("== 2/6 ingesting (validation + quarantine)", bold=True)
+    step("ingesting (validation + quarantine)")
     report = ingest(raw, ds_dir, config=cfg.data, progress=True)
     typer.echo(report.to_text())
     if fit_clip_:
-        typer.secho("== 3/6 aligning CLIP on the catalog (fit-clip)", bold=True)
+        step("aligning CLIP on the catalog (fit-clip)")
         from encoders.fit_clip import fit_clip
+        from kgrec.commands.encoders import fit_clip_report
         from kgrec.data.schema import Dataset
 
         result = fit_clip(Dataset.open(ds_dir), out / "clip")
         cfg.encoders.clip_checkpoint = str(out / "clip")
-        typer.echo(_fit_clip_summary(result))
-    typer.secho("== 4/6 training: knowledge graph, encoders, GNN + fusion, LightGBM ranker", bold=True)
+        typer.echo(fit_clip_report(result, out / "clip"))
+    step("training: knowledge graph, encoders, GNN + fusion, LightGBM ranker")
     rec = Recommender.fit(ds_dir, cfg)
     rec.save(bundle)
-    typer.secho("== 5/6 evaluation on the held-out test split (RecBole definitions)", bold=True)
+    step("evaluation on the held-out test split (RecBole definitions)")
     typer.echo(metrics_table(rec.metrics))
     (out / "metrics.md").write_text(metrics_table(rec.metrics) + "\n", encoding="utf-8")
-    typer.secho("== 6/6 explained recommendations", bold=True)
+    step("explained recommendations")
     demo_users = _demo_users(rec, 3)
     results = {}
     for u in demo_users:
@@ -279,11 +306,3 @@ def _demo_users(rec: Any, n: int) -> list[str]:
     counts = rec.events["user_id"].value_counts()
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return [u for u, _ in ranked[:n]]
-
-
-def _fit_clip_summary(result: Any) -> str:
-    for attr in ("summary", "to_text"):
-        fn = getattr(result, attr, None)
-        if callable(fn):
-            return str(fn())
-    return str(getattr(result, "metrics", result))

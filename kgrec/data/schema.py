@@ -248,7 +248,17 @@ class Dataset:
                 f"{root} is not a kgrec dataset (no manifest.json); create one with `kgrec ingest SRC --out DIR` "
                 "or `kgrec demo-data OUT --ingest-to DIR`"
             )
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads(mf.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{mf} is not valid JSON ({exc}); the dataset is damaged, re-run `kgrec ingest`") from exc
+        if not isinstance(manifest, dict):
+            raise DataError(f"{mf} holds a JSON {type(manifest).__name__}, not an object; the dataset is damaged, "
+                            "re-run `kgrec ingest`")
+        if "schema_version" not in manifest and "format_version" in manifest and "components" in manifest:
+            # the manifest of a bundle (kgrec.bundle.write_bundle): a common mix-up, e.g. `kgrec evaluate demo/bundle`
+            raise DataError(f"{root} is a model bundle, not a dataset: use --bundle/-b {root} for a bundle, and give "
+                            "a dataset directory (from `kgrec ingest`) here")
         version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
             raise DataError(f"{root}: dataset schema version {version} is not supported (expected {SCHEMA_VERSION})")

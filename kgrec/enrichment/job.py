@@ -89,10 +89,12 @@ class EnrichmentReport:
 
     def to_text(self) -> str:
         """A short human-readable summary (the CLI prints it)."""
-        lines = [f"enrichment run {self.run_id} ({'dry run' if self.dry_run else 'written'}), "
+        # a dry run writes nothing: its counts are what a real run would write
+        written = "would write" if self.dry_run else "written"
+        lines = [f"enrichment run {self.run_id} ({'dry run, nothing written' if self.dry_run else 'written'}), "
                  f"threshold {self.threshold:g}, {self.seconds:.1f} s"]
         lines.append(f"{'attribute':<12} {'known':>6} {'missing':>7} {'held-out acc':>12} {'acc@T':>6} "
-                     f"{'cov@T':>6} {'written':>7}")
+                     f"{'cov@T':>6} {written:>{len(written)}}")
         for name, a in sorted(self.attributes.items()):
             if a.get("skipped"):
                 lines.append(f"{name:<12} {a.get('n_labelled', 0):>6} {a.get('n_targets', 0):>7}  skipped: "
@@ -101,9 +103,11 @@ class EnrichmentReport:
             acc_t = a.get("accuracy_at_threshold")
             lines.append(f"{name:<12} {a['n_labelled']:>6} {a['n_targets']:>7} {a['stacked_accuracy']:>12.3f} "
                          f"{(acc_t if acc_t is not None else float('nan')):>6.3f} "
-                         f"{a['coverage_at_threshold']:>6.3f} {a['n_written']:>7}")
+                         f"{a['coverage_at_threshold']:>6.3f} {a['n_written']:>{len(written)}}")
+        thresholds = ", ".join(f"{name.replace('_', ' ')} >= {float(t):.3f}"
+                               for name, t in self.duplicates.get("thresholds", {}).items())
         lines.append(f"duplicates: {self.duplicates.get('n', 0)} pairs (of {self.duplicates.get('n_candidates', 0)} "
-                     f"candidates; thresholds {self.duplicates.get('thresholds', {})})")
+                     f"candidates; thresholds: {thresholds or 'none'})")
         lines.append(f"SIMILAR_TO: {self.similar.get('n', 0)}   COMPLEMENTS: {self.complements.get('n', 0)}")
         if self.written is not None:
             lines.append(f"store: {self.written}")

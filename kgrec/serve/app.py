@@ -179,6 +179,13 @@ def _read_upload(upload: UploadFile, limit: int) -> bytes:
     return data
 
 
+def _check_query_text(text: str | None, name: str) -> None:
+    """A text parameter that was sent but is empty or only whitespace is bad input (422): it would match arbitrary
+    items. FastAPI's ``min_length`` counts the spaces, so this is checked here."""
+    if text is not None and not text.strip():
+        raise DataError(f"the query is empty: {name!r} is {'only whitespace' if text else 'an empty string'}")
+
+
 def _check_image(data: bytes, filename: str | None) -> None:
     from PIL import Image, UnidentifiedImageError
 
@@ -382,6 +389,7 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         explain: bool = Query(False, description="attach an explanation to every result"),
     ) -> dict[str, Any]:
         """Top-k items for a user (GNN candidates re-ranked by LightGBM), optionally steered by a query."""
+        _check_query_text(query, "query")
         t0 = time.perf_counter()
         if query:
             recs = await batcher.run(rec.recommend, user, k, query, explain)
@@ -407,6 +415,7 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         k: int = K,
     ) -> dict[str, Any]:
         """Cross-modal text search (BERT text space + CLIP text->image)."""
+        _check_query_text(text, "text")
         t0 = time.perf_counter()
         recs = await batcher.submit("search", batch_search, (text, k))
         return {"results": _results(recs), "took_ms": (time.perf_counter() - t0) * 1e3}
@@ -420,6 +429,7 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         k: int = Form(10, ge=1, le=max_k, description=f"number of results (1..{max_k})"),
     ) -> dict[str, Any]:
         """Image search (CLIP image->image), optionally combined with text."""
+        _check_query_text(text, "text")
         t0 = time.perf_counter()
         data = _read_upload(image, cfg.max_upload_bytes)
         _check_image(data, image.filename)
@@ -440,6 +450,7 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         query: str | None = Query(None, max_length=max_chars),
     ) -> dict[str, Any]:
         """Why ``item`` suits ``user``: cited ranker features, KG paths, modality evidence, a sentence."""
+        _check_query_text(query, "query")
         e = await batcher.run(lambda: rec.explain(user, item, query=query or None))
         out = _finite(e.to_dict())
         out["image_url"] = _image_url(item, out.get("image"))
@@ -534,11 +545,19 @@ def freeze_loaded_objects() -> int:
 
     Without this, each full collection walks the whole loaded model while requests wait: pauses of hundreds of
     milliseconds at 100,000 items, which land in the p99. Requests' own garbage is still collected as usual. Call
-    it once, after loading and warming up, in a process that serves until it exits."""
+    it once, after loading and warming up, in a process that serves until it exits.
+
+    The objects are unfrozen when the process exits (``atexit``, so in every serving process: ``kgrec serve``,
+    its ``--workers`` processes): frozen objects are never collected at interpreter shutdown, and nanobind
+    extensions (triton, imported by torch) then print a "nanobind: leaked ... instances" report of ~35 lines
+    after uvicorn's "Finished server process"."""
+    import atexit
     import gc
 
     gc.collect()
     gc.freeze()
+    atexit.unregister(gc.unfreeze)  # once per process, however often this is called
+    atexit.register(gc.unfreeze)
     n = gc.get_freeze_count()
     logger.info("froze %d loaded objects out of the garbage collector", n)
     return n

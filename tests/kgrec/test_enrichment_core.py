@@ -252,3 +252,42 @@ def test_provenance_model_ids_given_as_one_string_is_one_id():
                            {"run_id": "r1", "model_ids": "clip"})
     props = [row["props"] for rows in plan.relations.values() for row in rows]
     assert props and all(p["model_ids"] == ["clip"] and p["confidence"] == 1.0 for p in props)
+
+
+# ----------------------------------------------------------------------------------------------- report text
+
+
+def _report(dry_run: bool):
+    from kgrec.enrichment.job import EnrichmentReport
+
+    attrs = {"colour": {"n_labelled": 120, "n_targets": 150, "stacked_accuracy": 0.91234, "accuracy_at_threshold":
+                        0.97, "coverage_at_threshold": 0.93, "n_written": 140},
+             "material": {"n_labelled": 3, "n_targets": 9, "skipped": "too few labelled items"}}
+    return EnrichmentReport(run_id="abc123", created="2024-01-01T00:00:00+00:00", threshold=0.9, dry_run=dry_run,
+                            provenance={}, attributes=attrs,
+                            duplicates={"n": 4, "n_candidates": 147,
+                                        "thresholds": {"text_cosine": np.float64(0.81234567890123456),
+                                                       "image_cosine": 0.7499999999999999}},
+                            written=None if dry_run else {"written": 160})
+
+
+def test_dry_run_text_says_would_write_and_thresholds_are_readable():
+    """A dry run writes nothing: its per-attribute count is labelled "would write", not "written"; the duplicate
+    thresholds print as "text cosine >= 0.812", not as a dict of 17-digit (or np.float64) values."""
+    text = _report(dry_run=True).to_text()
+    lines = text.splitlines()
+    assert "dry run, nothing written" in lines[0]
+    header = next(line for line in lines if line.startswith("attribute"))
+    assert header.split()[-2:] == ["would", "write"] and "written" not in header
+    colour = next(line for line in lines if line.startswith("colour"))
+    assert colour.split()[-1] == "140" and len(colour) == len(header)  # the count sits under its label
+    assert "thresholds: text cosine >= 0.812, image cosine >= 0.750)" in text
+    assert "{" not in text and "np.float64" not in text and "0.8123456" not in text and "store:" not in text
+
+
+def test_written_run_text_keeps_the_written_column_and_store_counts():
+    text = _report(dry_run=False).to_text()
+    header = next(line for line in text.splitlines() if line.startswith("attribute"))
+    assert header.split()[-1] == "written" and "would" not in text
+    assert "thresholds: text cosine >= 0.812, image cosine >= 0.750)" in text
+    assert "store: {'written': 160}" in text

@@ -187,6 +187,52 @@ def test_image_upload_errors(client):
     assert r.status_code == 422
 
 
+@pytest.mark.parametrize("blank", ["  ", "\t", " \n "])
+def test_blank_text_queries_are_422_not_arbitrary_items(client, serve_recommender, top_user, blank):
+    """FastAPI's min_length counts spaces: a whitespace-only text would be encoded and match arbitrary items."""
+    item = serve_recommender.item_ids[0]
+    responses = {
+        "GET /search": client.get("/search", params={"text": blank}),
+        "POST /search": client.post("/search", files={"image": ("q.png", _png(), "image/png")},
+                                    data={"text": blank, "k": "3"}),
+        "GET /recommend (known user)": client.get("/recommend", params={"user": top_user, "query": blank}),
+        "GET /recommend (new user)": client.get("/recommend", params={"user": "brand-new-user", "query": blank}),
+        "GET /explain": client.get("/explain", params={"user": top_user, "item": item, "query": blank}),
+    }
+    for what, r in responses.items():
+        assert r.status_code == 422, (what, r.status_code, r.text)
+        assert "the query is empty" in r.json()["detail"] and "whitespace" in r.json()["detail"], what
+    r = client.get("/recommend", params={"user": top_user, "query": ""})
+    assert r.status_code == 422 and "empty string" in r.json()["detail"]
+    assert client.get("/search", params={"text": " red coat "}).status_code == 200  # padding around words is fine
+
+
+def test_cli_blank_text_queries_are_clean_errors(serve_recommender, top_user, tmp_path):
+    """`kgrec search '   '`, `recommend --query '   '` and `explain --query ' '` exit 2 saying the query is empty;
+    `recommend --query ''` says so too (it used to say that no query was given)."""
+    from typer.testing import CliRunner
+
+    from kgrec.cli import app
+
+    bundle = str(serve_recommender.save(tmp_path / "b"))
+    item = serve_recommender.item_ids[0]
+    runs = {
+        "search": ["search", "   ", "-b", bundle],
+        "search ''": ["search", "", "-b", bundle],
+        "recommend --query (new user)": ["recommend", "-b", bundle, "--query", "   "],
+        "recommend --query (known user)": ["recommend", top_user, "-b", bundle, "--query", "\t "],
+        "recommend --query ''": ["recommend", "-b", bundle, "--query", ""],
+        "explain --query": ["explain", top_user, item, "-b", bundle, "--query", "  "],
+    }
+    for what, argv in runs.items():
+        res = CliRunner().invoke(app, argv)
+        assert res.exit_code == 2, (what, res.output)
+        assert "error: the query is empty" in res.output, (what, res.output)
+    assert "--query is an empty string" in CliRunner().invoke(app, runs["recommend --query ''"]).output
+    res = CliRunner().invoke(app, ["similar", item, "-b", bundle, "-k", "3", "--json"])
+    assert res.exit_code == 0 and len(json.loads(res.output)) == 3  # the bundle itself answers
+
+
 # ---------------------------------------------------------------------------------------------------- similar / explain
 def test_recommend_from_chosen_items_equals_the_library(client, serve_recommender):
     chosen = serve_recommender.item_ids[3:5]
