@@ -144,10 +144,14 @@ def recommend(
     rec = Recommender.load(bundle)
     results = rec.recommend(user, k, query=query, explain=explain_ or html is not None)
     _print_results(results, as_json)
+    who = "without a USER" if user is None else f"{user!r} has no history, so"
+    if explain_ and not any(r.explanation for r in results):
+        typer.echo(f"no explanations: {who} these results come from the query alone and there is nothing to "
+                   "explain", err=True)
     if html is not None:
         if write_html(rec, {user: results}, html, query=query) is None:
-            typer.echo(f"no HTML report: {user!r} has no history, so these results come from the query alone "
-                       "and there is nothing to explain")
+            typer.echo(f"no HTML report: {who} these results come from the query alone and there is nothing to "
+                       "explain", err=True)
         else:
             typer.echo(f"wrote {html}")
 

@@ -233,6 +233,24 @@ def test_cli_blank_text_queries_are_clean_errors(serve_recommender, top_user, tm
     assert res.exit_code == 0 and len(json.loads(res.output)) == 3  # the bundle itself answers
 
 
+def test_cli_query_only_recommendations_say_why_there_is_nothing_to_explain(serve_recommender, tmp_path,
+                                                                            monkeypatch):
+    from typer.testing import CliRunner
+
+    from kgrec.cli import app
+    from kgrec.pipeline import Recommender
+
+    # the fixture's encoders are built in code: the command gets the in-memory model (it has them)
+    monkeypatch.setattr(Recommender, "load", classmethod(lambda cls, *a, **kw: serve_recommender))
+    bundle = str(tmp_path)
+    res = CliRunner().invoke(app, ["recommend", "-b", bundle, "--query", "red coat", "-k", "3", "--explain",
+                                   "--html", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    assert "no explanations: without a USER these results come from the query alone" in res.output
+    assert "no HTML report: without a USER" in res.output and "None" not in res.output
+    assert not (tmp_path / "r.html").exists()
+
+
 # ---------------------------------------------------------------------------------------------------- similar / explain
 def test_recommend_from_chosen_items_equals_the_library(client, serve_recommender):
     chosen = serve_recommender.item_ids[3:5]
