@@ -225,7 +225,7 @@ def update(
     rec = Recommender.load(bundle)
     report = rec.update(new_data, retrain_threshold=retrain_threshold)
     rec.save(out or bundle)
-    typer.echo(json.dumps(report, indent=2))
+    typer.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}, indent=2))
     if report["retrain_suggested"]:
         typer.secho(f"drift {report['drift']:.2f} > {retrain_threshold}: a full retrain (`kgrec train`) is suggested",
                     fg=typer.colors.YELLOW)

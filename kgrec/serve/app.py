@@ -193,7 +193,9 @@ def _check_image(data: bytes, filename: str | None) -> None:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise NotAnImage(f"uploaded file {filename!r} is not a readable image ({type(exc).__name__}: {exc}); "
+        # PIL's message names the in-memory buffer ("cannot identify image file <_io.BytesIO object at 0x...>"):
+        # say what happened in our words instead of passing on a memory address
+        raise NotAnImage(f"uploaded file {filename!r} is not a readable image ({type(exc).__name__}); "
                          "send a PNG, JPEG, GIF, BMP or WebP image") from exc
 
 

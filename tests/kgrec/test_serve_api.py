@@ -159,6 +159,7 @@ def test_image_upload_finds_the_item_itself(client, serve_recommender, demo_data
 def test_image_upload_errors(client):
     r = client.post("/search", files={"image": ("notes.txt", b"hello, not an image", "text/plain")})
     assert r.status_code == 415 and "not a readable image" in r.json()["detail"]
+    assert "0x" not in r.json()["detail"] and "BytesIO" not in r.json()["detail"]  # no memory address leaks out
     r = client.post("/search", files={"image": ("empty.png", b"", "image/png")})
     assert r.status_code == 415 and "empty" in r.json()["detail"]
     r = client.post("/search", files={"image": ("cut.png", _png()[:40], "image/png")})  # truncated PNG
