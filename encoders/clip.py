@@ -246,8 +246,11 @@ class ClipEncoder:
             load_checkpoint_weights(self.model, self.checkpoint)
             logger.info("CLIP %s: weights from the checkpoint %s", model, self.checkpoint)
         elif pretrained is None:
+            cfg = model_config(model)
+            packaged = packaged_towers and (_is_packaged_effnet(cfg["vision_cfg"]) or str(
+                cfg["text_cfg"].get("hf_model_name", "")).startswith(PACKAGED_PREFIX))
             logger.info("CLIP %s: %s, projection heads untrained (align them on the catalog with `kgrec encoders "
-                        "fit-clip`)", model, "packaged tower weights" if packaged_towers else f"random weights (seed {seed})")
+                        "fit-clip`)", model, "packaged tower weights" if packaged else f"random weights (seed {seed})")
         self.model.to(self.device).eval()
         self._model_id: str | None = None
         self._dim: int | None = None

@@ -81,15 +81,22 @@ def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.
 def quiet_weight_loading() -> Iterator[None]:
     """transformers draws a "Loading weights" progress bar for every model it loads (an instant for these sizes, and
     several per command): off while our encoders load, restored afterwards."""
+    import importlib
+
     from transformers.utils import logging as hf_logging
 
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module (the package exports the class)
+
     was = hf_logging.is_progress_bar_enabled()
+    hub_states = dict(hub_tqdm.progress_bar_states)  # transformers' switch also flips huggingface_hub's bars
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         if was:
             hf_logging.enable_progress_bar()
+        hub_tqdm.progress_bar_states.clear()
+        hub_tqdm.progress_bar_states.update(hub_states)
 
 
 class TextEncoder:

@@ -257,7 +257,7 @@ def fit_embeddings(
                 for r in scored:  # the one kept: the last of equal bests, as in the loop
                     top = r if r.valid["ndcg@20"] >= top.valid["ndcg@20"] else top
                 logger.info("trained %d epochs (%.1fs); best valid ndcg@20 %.4f at epoch %d, kept", len(history),
-                            sum(r.train_seconds for r in history), top.valid["ndcg@20"], top.epoch)
+                            sum(r.train_seconds for r in history), top.valid["ndcg@20"], top.epoch + 1)  # 1-based
             else:
                 logger.info("trained %d epochs (%.1fs), final loss %.4f", len(history),
                             sum(r.train_seconds for r in history), history[-1].loss)
@@ -581,7 +581,7 @@ def add_ease_term(tm: TrainedModel, valid: sp.csr_matrix, cfg: FusionConfig, dev
     """
     from fusion.baselines import EASE
 
-    best = (-1.0, None, 0.0, None)
+    best: tuple[float, Any, float, Any, float] = (-1.0, None, 0.0, None, 0.0)  # score, B, weight, lambda, w
     users = np.flatnonzero(np.diff(valid.indptr) > 0)
     emb_scale = float(np.abs(tm.score_all(users[:512]).numpy()).mean()) if tm.hybrid_weight == 0 else 1.0
     for lam in cfg.ease_lambdas:
@@ -597,7 +597,9 @@ def add_ease_term(tm: TrainedModel, valid: sp.csr_matrix, cfg: FusionConfig, dev
                 best = (res["ndcg@20"], b, tm.hybrid_weight, lam, w)
     score, tm.item_item, tm.hybrid_weight, tm.ease_lambda, chosen = best
     tried = len(cfg.ease_lambdas) * len(cfg.hybrid_weights)
-    if chosen:
+    if score < 0:  # nothing tried, or no setting scored (NaN): no EASE term
+        logger.info("EASE term: not used, no setting scored on valid (%d settings tried)", tried)
+    elif chosen:
         logger.info("EASE term: lambda %.0f, weight %.2f, chosen on valid ndcg@20 %.4f (%d settings tried)",
                     tm.ease_lambda, chosen, score, tried)
     else:

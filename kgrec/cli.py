@@ -7,10 +7,6 @@ import warnings
 
 import typer
 
-# torch_geometric scripts a class with torch.jit.script when it is imported, which recent torch marks deprecated:
-# a warning about PyG's code that a command's user can do nothing about, so the command line does not show it
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-
 app = typer.Typer(
     name="kgrec",
     help="Knowledge-graph-enhanced multimodal recommender for e-commerce catalogs.",
@@ -33,6 +29,9 @@ def main() -> None:
     glued onto it."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    # torch_geometric scripts a class with torch.jit.script when it is imported, which recent torch marks
+    # deprecated: a warning about PyG's code that a command's user can do nothing about, so the script hides it
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     with logging_redirect_tqdm():
         app()

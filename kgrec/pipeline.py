@@ -1467,37 +1467,58 @@ class Recommender:
 
     def _refuse_changed_items(self, known: pd.DataFrame) -> None:
         """Raise (before anything is written) when items the model knows come back with another brand, category or
-        attributes: the graph's MERGE would keep the old relationships next to the new ones (two brands, two
-        categories), and the item's vectors would describe the old item."""
-        cols = [c for c in ("brand", "category", "attributes") if c in known.columns and c in self.items.columns]
+        attribute value: the graph's MERGE would keep the old relationships next to the new ones (two brands, two
+        categories), and the item's vectors would describe the old item. A value the update leaves out (null, or
+        an attribute key it does not list) is "not given", not a change: re-listing an item with only its id and
+        title is fine."""
+        from kg.loading import category_prefixes
+
+        ours = self.items[~self.items.index.duplicated()]
+        known = known[known["item_id"].isin(ours.index)]  # items known from events / links only have no row
+        cols = [c for c in ("brand", "category", "attributes") if c in known.columns and c in ours.columns]
         if not len(known) or not cols:
             return
-        ours = self.items[~self.items.index.duplicated()]
 
-        def norm(v: Any, col: str) -> str:
-            if v is None or (isinstance(v, float) and np.isnan(v)):
-                return ""
+        def missing(v: Any) -> bool:
+            return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip())
+
+        def attrs(v: Any) -> dict[str, Any]:
+            if missing(v):
+                return {}
+            try:
+                d = json.loads(v) if isinstance(v, str) else dict(v)
+            except (TypeError, ValueError):
+                return {"": str(v)}
+            return {k: x for k, x in d.items() if not missing(x)}
+
+        def changed(col: str, new: Any, old: Any) -> str | None:
             if col == "attributes":
-                try:
-                    return json.dumps(json.loads(v) if isinstance(v, str) else v, sort_keys=True)
-                except (TypeError, ValueError):
-                    return str(v)
-            return str(v)
+                n, o = attrs(new), attrs(old)
+                keys = sorted(k for k in n if k in o and str(n[k]) != str(o[k]))
+                return f"attribute {keys[0]}: {o[keys[0]]!r} -> {n[keys[0]]!r}" if keys else None
+            if missing(new):
+                return None
+            norm = (lambda v: (category_prefixes(str(v)) or [""])[-1]) if col == "category" else (lambda v: str(v))
+            if missing(old) or norm(new) != norm(old):
+                return f"{col}: {None if missing(old) else old!r} -> {new!r}"
+            return None
 
-        changed = []
+        found = []
         for row in known.itertuples(index=False):
-            item = getattr(row, "item_id")
-            diff = [c for c in cols if norm(getattr(row, c), c) != norm(ours.at[item, c], c)]
-            if diff:
-                changed.append((item, diff))
-        if changed:
-            item, diff = changed[0]
-            was, now = ours.at[item, diff[0]], known.loc[known["item_id"] == item, diff[0]].iloc[0]
+            item = row.item_id
+            for c in cols:
+                what = changed(c, getattr(row, c), ours.at[item, c])
+                if what:
+                    found.append((item, what))
+                    break
+        if found:
+            item, what = found[0]
             raise DataError(
-                f"{len(changed)} item(s) the model already knows come with another "
-                f"{' / '.join(sorted({c for _, d in changed for c in d}))} (e.g. {item!r}: {diff[0]} {was!r} -> "
-                f"{now!r}): an update adds new items, users and events; changed items need a retrain (`kgrec train` "
-                "on the corrected catalog), or leave them out of the update's items. Nothing was changed.")
+                f"{len(found)} item(s) the model already knows come with a changed brand, category or attribute value "
+                f"(e.g. {item!r}, {what}): an update adds new items, users and events; changed items need a retrain "
+                "(`kgrec train` on the corrected catalog), or leave them out of the update's items (listing a known "
+                "item with only its id and title is fine). Spellings count: ingest unifies the case of a brand "
+                "within one dataset, not against the model's. Nothing was changed.")
 
     def _content_modality_weights(self, emb: Any) -> tuple[Any, np.ndarray]:
         import torch

@@ -145,7 +145,7 @@ def recommend(
     results = rec.recommend(user, k, query=query, explain=explain_ or html is not None)
     _print_results(results, as_json)
     who = "without a USER" if user is None else f"{user!r} has no history, so"
-    if explain_ and not any(r.explanation for r in results):
+    if explain_ and results and not any(r.explanation for r in results):
         typer.echo(f"no explanations: {who} these results come from the query alone and there is nothing to "
                    "explain", err=True)
     if html is not None:

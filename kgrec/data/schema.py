@@ -257,8 +257,9 @@ class Dataset:
                             "re-run `kgrec ingest`")
         if "schema_version" not in manifest and "format_version" in manifest and "components" in manifest:
             # the manifest of a bundle (kgrec.bundle.write_bundle): a common mix-up, e.g. `kgrec evaluate demo/bundle`
-            raise DataError(f"{root} is a model bundle, not a dataset: use --bundle/-b {root} for a bundle, and give "
-                            "a dataset directory (from `kgrec ingest`) here")
+            raise DataError(f"{root} is a model bundle, not a dataset: give a dataset directory (from `kgrec ingest`) "
+                            "here; commands that read a bundle take it as --bundle/-b (`kgrec update` as its first "
+                            "argument, Python: Recommender.load)")
         version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
             raise DataError(f"{root}: dataset schema version {version} is not supported (expected {SCHEMA_VERSION})")

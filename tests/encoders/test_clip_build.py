@@ -40,6 +40,10 @@ def test_default_clip_builds_without_library_warnings(caplog, capfd) -> None:
                     "the catalog with `kgrec encoders fit-clip`)"]
     assert root.filters == filters_before  # the filter is removed again
     caplog.clear()
+    with caplog.at_level(logging.INFO, logger="encoders.clip"):
+        ClipEncoder("kgrec-tiny-test", device="cpu", seed=3)  # no packaged tower: random weights, said so
+    assert "CLIP kgrec-tiny-test: random weights (seed 3), projection heads untrained" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
         logging.getLogger().warning("Model elsewhere initialized partially.")  # outside a build: not filtered
     assert "initialized partially" in caplog.text
@@ -49,8 +53,10 @@ def test_the_command_line_hides_pygs_import_time_deprecation_warning() -> None:
     import subprocess
     import sys
 
-    code = ("import warnings; warnings.simplefilter('default'); import kgrec.cli; import torch_geometric.nn; "
-            "import fusion.gnn; print('ok')")
+    # the filter belongs to the script (kgrec.cli.main), not to an import of kgrec.cli
+    code = ("import warnings; warnings.simplefilter('default'); import kgrec.cli as c\n"
+            "def fake():\n    import torch_geometric.nn, fusion.gnn; print('ok')\n"
+            "c.app = fake; c.main()")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
     assert "torch.jit.script` is deprecated" not in run.stderr
@@ -66,3 +72,17 @@ def test_the_text_encoder_loads_without_a_weight_loading_bar(capfd) -> None:
     out = capfd.readouterr()
     assert "Loading weights" not in out.err + out.out
     assert hf_logging.is_progress_bar_enabled()  # restored for the user's own transformers calls
+
+
+def test_weight_loading_quietly_keeps_the_users_hub_progress_setting() -> None:
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from encoders.text import quiet_weight_loading
+
+    disable_progress_bars()
+    try:
+        with quiet_weight_loading():
+            pass
+        assert are_progress_bars_disabled()  # transformers' switch turned them back on before
+    finally:
+        enable_progress_bars()

@@ -336,7 +336,7 @@ def test_epoch_numbers_go_into_the_progress_bar_and_one_summary_line_is_logged(t
     for h in hist:
         kept = h if h.valid["ndcg@20"] >= kept.valid["ndcg@20"] else kept
     assert lines == [f"trained 3 epochs ({sum(h.train_seconds for h in hist):.1f}s); best valid ndcg@20 "
-                     f"{kept.valid['ndcg@20']:.4f} at epoch {kept.epoch}, kept"]
+                     f"{kept.valid['ndcg@20']:.4f} at epoch {kept.epoch + 1}, kept"]
     err = capsys.readouterr().err
     assert f"ndcg20={hist[-1].valid['ndcg@20']:.4f}" in err and "3/3" in err  # the bar carries the numbers
     caplog.clear()
@@ -362,3 +362,17 @@ def test_the_ease_term_choice_is_one_info_line(taste, trained, caplog) -> None:
         assert f"lambda {tm.ease_lambda:.0f}, weight " in lines[0]
     else:
         assert lines[0].startswith("EASE term: not used")
+
+
+def test_an_ease_search_with_nothing_to_try_leaves_the_term_off(taste, trained, caplog) -> None:
+    import copy
+
+    from fusion.train import add_ease_term
+
+    tm = copy.deepcopy(trained)
+    tm.item_item, tm.hybrid_weight, tm.ease_lambda = None, 0.0, None
+    valid = to_csr(*_pairs(taste, 1), (taste.num_users, taste.num_items))
+    with caplog.at_level(logging.INFO, logger="fusion.train"):
+        add_ease_term(tm, valid, _cfg(ease_lambdas=[], hybrid_weights=[0.0, 1.0]))
+    assert tm.item_item is None and tm.hybrid_weight == 0 and tm.ease_lambda is None
+    assert "EASE term: not used, no setting scored on valid (0 settings tried)" in caplog.text

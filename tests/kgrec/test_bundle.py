@@ -110,11 +110,11 @@ def test_a_bundle_given_where_a_dataset_is_expected_says_so(tmp_path, argv):
     from kgrec.errors import DataError
 
     path = _bundle(tmp_path / "b")
-    with pytest.raises(DataError, match=r"b is a model bundle, not a dataset: use --bundle/-b"):
+    with pytest.raises(DataError, match=r"b is a model bundle, not a dataset: give a dataset directory .* --bundle/-b"):
         Dataset.open(path)
     res = CliRunner().invoke(app, [a.format(b=path, tmp=tmp_path) for a in argv])
     assert res.exit_code == 2, res.output
-    assert f"error: {path} is a model bundle, not a dataset: use --bundle/-b" in res.output
+    assert f"error: {path} is a model bundle, not a dataset: give a dataset directory" in " ".join(res.output.split())
     assert "schema version" not in res.output
 
 

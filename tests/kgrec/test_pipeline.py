@@ -567,9 +567,25 @@ def test_update_refuses_known_items_that_come_back_changed(fitted, demo_dataset,
     empty = demo_dataset.events.iloc[:0]
     counts = rec.store.counts()
     bad = Dataset.write(tmp_path / "bad", {"items": changed, "events": empty}, images_from=demo_dataset.root)
-    with pytest.raises(DataError, match=r"1 item\(s\) the model already knows come with another brand .*"
-                                        + items["item_id"].iloc[1] + ".*Nothing was changed"):
+    with pytest.raises(DataError, match=r"1 item\(s\) the model already knows come with a changed brand.*'"
+                                        + items["item_id"].iloc[1] + "', brand: .* -> '" + other_brand
+                                        + "'.*Nothing was changed"):
         rec.update(bad)
+    assert rec.store.counts() == counts
+    # a changed attribute value is refused too; a missing one is "not given"
+    a0 = json.loads(same["attributes"].iloc[0])
+    key = next(iter(a0))
+    flipped = same.iloc[[0]].assign(attributes=json.dumps({key: "zz-other"}))
+    with pytest.raises(DataError, match=f"attribute {key}: .* -> 'zz-other'"):
+        rec.update(Dataset.write(tmp_path / "bad2", {"items": flipped, "events": empty}, images_from=demo_dataset.root))
+    # re-listing with only id and title (the other columns null, as Dataset.write fills them), or a blank brand, a
+    # category spelled with spaces around '>', an attribute subset: nothing changed, nothing refused
+    partial = same[["item_id", "title"]]
+    spaced = same.assign(brand=[None, ""], category=[c.replace(">", " > ") for c in same["category"]],
+                         attributes=[json.dumps({key: a0[key]}), None])
+    for name, frame in (("partial", partial), ("spaced", spaced)):
+        ds = Dataset.write(tmp_path / name, {"items": frame, "events": empty}, images_from=demo_dataset.root)
+        assert rec.update(ds)["new_items"] == 0, name
     assert rec.store.counts() == counts
     # attributes compare as JSON (key order does not matter); the unchanged copy is accepted
     reordered = same.assign(attributes=[json.dumps(dict(reversed(list(json.loads(a).items())))) if isinstance(a, str)
