@@ -583,10 +583,13 @@ def test_update_refuses_known_items_that_come_back_changed(fitted, demo_dataset,
     partial = same[["item_id", "title"]]
     spaced = same.assign(brand=[None, ""], category=[c.replace(">", " > ") for c in same["category"]],
                          attributes=[json.dumps({key: a0[key]}), None])
+    node = ("Item", str(items["item_id"].iloc[0]))
+    before = dict(rec.store.graph.nodes[node])
     for name, frame in (("partial", partial), ("spaced", spaced)):
         ds = Dataset.write(tmp_path / name, {"items": frame, "events": empty}, images_from=demo_dataset.root)
         assert rec.update(ds)["new_items"] == 0, name
     assert rec.store.counts() == counts
+    assert dict(rec.store.graph.nodes[node]) == before  # a known item's properties are not touched (no nulls)
     # attributes compare as JSON (key order does not matter); the unchanged copy is accepted
     reordered = same.assign(attributes=[json.dumps(dict(reversed(list(json.loads(a).items())))) if isinstance(a, str)
                                         else a for a in same["attributes"]])
