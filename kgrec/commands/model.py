@@ -11,6 +11,9 @@ from kgrec.commands._common import CONFIG_OPTION, check_query_text, clean_errors
 from kgrec.evaluation import ABLATIONS, BASELINES  # the module imports numpy only at the top
 
 _EVAL_BASELINES, _EVAL_ABLATIONS = BASELINES, tuple(ABLATIONS)
+CLIP_CHECKPOINT_OPTION = typer.Option(
+    None, "--clip-checkpoint", help="A `kgrec encoders fit-clip` output to encode images with (overrides "
+    "encoders.clip_checkpoint; `kgrec demo` writes one to OUT/clip).")
 BUNDLE_OPTION = typer.Option(Path("bundle"), "--bundle", "-b", help="Bundle directory written by `kgrec train`.")
 
 
@@ -51,12 +54,14 @@ def train(
     out: Path = typer.Option(Path("bundle"), "--out", "-o", help="Bundle directory to write (replaced atomically)."),
     epochs: int | None = typer.Option(None, "--epochs", help="GNN epochs (overrides fusion.epochs)."),
     backend: str | None = typer.Option(None, "--backend", help="Graph store: embedded | neo4j (NEO4J_* env)."),
+    clip_checkpoint: Path | None = CLIP_CHECKPOINT_OPTION,
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Train the whole recommender (graph, encoders, GNN + fusion, ranker), evaluate it, write a bundle."""
     from kgrec.pipeline import Recommender
 
-    cfg = load_config(config, **{"fusion.epochs": epochs, "kg.backend": backend})
+    cfg = load_config(config, **{"fusion.epochs": epochs, "kg.backend": backend,
+                                 "encoders.clip_checkpoint": str(clip_checkpoint.resolve()) if clip_checkpoint else None})
     rec = Recommender.fit(dataset, cfg)
     rec.save(out)
     typer.echo(metrics_table(rec.metrics))
@@ -76,6 +81,7 @@ def evaluate(
     out: Path | None = typer.Option(None, "--out", "-o",
                                     help="Where results.md / .json / .png go (default: DATASET/evaluation-SPLIT)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    clip_checkpoint: Path | None = CLIP_CHECKPOINT_OPTION,
     config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Evaluate baselines and our model's ablations on DATASET under one split (full ranking, RecBole metrics; a
@@ -85,7 +91,7 @@ def evaluate(
     if dataset is not None:
         from kgrec.evaluation import run_evaluation
 
-        cfg = load_config(config)
+        cfg = load_config(config, **{"encoders.clip_checkpoint": str(clip_checkpoint.resolve()) if clip_checkpoint else None})
         names = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
         res = run_evaluation(dataset, cfg, split=split, baselines=names(baselines), ablations=names(ablations),
                              out_dir=out or Path(dataset) / f"evaluation-{split}")

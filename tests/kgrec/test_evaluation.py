@@ -99,3 +99,26 @@ def test_image_only_is_skipped_when_no_item_has_a_picture(demo_dataset, tiny_enc
     res = run_evaluation(ds, _cfg(tmp_path), baselines=["popularity"], ablations=["image-only"],
                          encoders=tiny_encoders, progress=False)
     assert res.row("image-only")["skipped"] == "the dataset has no image vectors"
+
+
+def test_train_and_evaluate_take_a_clip_checkpoint(demo_dataset, tmp_path, monkeypatch):  # noqa: F811
+    """`kgrec train / evaluate DATASET --clip-checkpoint DIR` put DIR (absolute) into encoders.clip_checkpoint."""
+    import kgrec.evaluation as ev
+    from kgrec.errors import KgrecError
+    from kgrec.pipeline import Recommender
+
+    seen: list[str | None] = []
+
+    def capture(dataset, cfg, *a, **kw):
+        seen.append(cfg.encoders.clip_checkpoint)
+        raise KgrecError("stop here")
+
+    monkeypatch.setattr(ev, "run_evaluation", capture)
+    monkeypatch.setattr(Recommender, "fit", classmethod(lambda cls, dataset, cfg, *a, **kw: capture(dataset, cfg)))
+    monkeypatch.chdir(tmp_path)
+    for argv in (["evaluate", str(demo_dataset.root)], ["train", str(demo_dataset.root)]):
+        res = CliRunner().invoke(app, argv + ["--clip-checkpoint", "ck"])
+        assert res.exit_code == 2 and "stop here" in res.output, res.output
+    assert seen == [str(tmp_path / "ck")] * 2
+    res = CliRunner().invoke(app, ["evaluate", str(demo_dataset.root)])
+    assert seen[-1] is None  # without the flag the config's value (none here) stands
