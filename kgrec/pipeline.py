@@ -885,11 +885,21 @@ class Recommender:
         return out  # type: ignore[return-value]
 
     def explain(self, user_id: str, item_id: str, query: str | None = None) -> Any:
-        """The :class:`ranking.explain.Explanation` of why ``item_id`` suits ``user_id``."""
-        self._user_index(user_id, hint=False)
-        self._item_index(item_id)
+        """The :class:`ranking.explain.Explanation` of why ``item_id`` suits ``user_id``. For an item that is not
+        among the user's recommendations (the re-ranked ``ranking.num_candidates``, steered by ``query`` if given)
+        the sentence says so — already in the history, or not among the candidates — instead of "is recommended"."""
+        u = self._user_index(user_id, hint=False)
+        i = self._item_index(item_id)
         qvec = self._query_text_vector(query) if query else None
-        return self.explainer.explain(user_id, item_id, query_vector=qvec)
+        e = self.explainer.explain(user_id, item_id, query_vector=qvec)
+        if not self.has_history(user_id):
+            return e
+        if self.seen[u, i]:
+            return e.with_standing("is already in your history, so it is not recommended again")
+        c = min(self.config.ranking.num_candidates, len(self.item_ids))
+        if item_id not in {r.item_id for r in self.recommend(user_id, c, query=query)}:
+            return e.with_standing(f"is not among your top {c} candidates, so it is not recommended")
+        return e
 
     def similar(self, item_id: str, k: int = 10) -> list[Recommendation]:
         """Items closest to ``item_id`` by the fused GNN item vectors (cosine), itself excluded."""

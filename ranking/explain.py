@@ -34,6 +34,7 @@ JSON schema (``Explanation.to_dict()``; machine-readable in ``ranking/explanatio
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -140,6 +141,12 @@ class Explanation:
     modality: ModalityEvidence
     sentence: str
     feature_values: dict[str, float | None] = field(default_factory=dict, repr=False)
+
+    def with_standing(self, standing: str) -> Explanation:
+        """The same explanation for an item that is not among the user's recommendations: its sentence says where
+        the item stands (``standing``, e.g. "is not among your 200 candidates") instead of "is recommended"."""
+        return dataclasses.replace(self, sentence=_sentence(self.item_title, self.features, self.paths, self.modality,
+                                                            standing))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -603,14 +610,19 @@ def _path_text(path: KGPath, names: list[str], kind: str) -> str:
     return " ".join(parts)
 
 
-def _sentence(title: str, cited: list[CitedFeature], paths: list[CitedPath], modality: ModalityEvidence) -> str:
+def _sentence(title: str, cited: list[CitedFeature], paths: list[CitedPath], modality: ModalityEvidence,
+              standing: str | None = None) -> str:
+    """The one-sentence explanation. ``standing`` replaces "is recommended" for an item asked about that is not
+    among the user's recommendations (e.g. "is already in your history, so it is not recommended again")."""
     reasons: list[str] = []
     for f in cited:
         if f.phrase not in reasons:
             reasons.append(f.phrase)
     reasons = reasons[:3]
-    if reasons:
-        because = reasons[0] if len(reasons) == 1 else ", ".join(reasons[:-1]) + " and " + reasons[-1]
+    because = (reasons[0] if len(reasons) == 1 else ", ".join(reasons[:-1]) + " and " + reasons[-1]) if reasons else ""
+    if standing is not None:
+        text = f"*{title}* {standing}" + (f"; what speaks for it: {because}" if reasons else "")
+    elif reasons:
         text = f"*{title}* is recommended because {because}"
     else:
         text = f"*{title}* is recommended for its overall fit to your history"

@@ -130,6 +130,26 @@ def test_bundle_roundtrip_same_recommendations(fitted, tiny_encoders, tmp_path):
     assert fitted.explain(user, a[0][0]).to_dict()["sentence"] == again.explain(user, a[0][0]).to_dict()["sentence"]
 
 
+def test_explain_says_where_an_item_stands_when_it_is_not_recommended(fitted):
+    """explain() on any pair: a recommended item keeps the sentence its recommendation carries; an item from the
+    user's history or outside the candidates is not called "recommended"."""
+    user = fitted.events["user_id"].value_counts().index[0]
+    c = fitted.config.ranking.num_candidates
+    recs = fitted.recommend(user, c, explain=True)
+    top = recs[3]
+    assert fitted.explain(user, top.item_id).sentence == top.explanation["sentence"]
+    u = fitted.user_pos[user]
+    own = fitted.item_ids[fitted.seen[u].indices[0]]
+    e = fitted.explain(user, own)
+    assert e.sentence.startswith(f"*{e.item_title}* is already in your history, so it is not recommended again")
+    listed = {r.item_id for r in recs} | {fitted.item_ids[j] for j in fitted.seen[u].indices}
+    outside = next(i for i in fitted.item_ids if i not in listed)
+    e = fitted.explain(user, outside)
+    assert e.sentence.startswith(f"*{e.item_title}* is not among your top {c} candidates, so it is not recommended")
+    assert "is recommended because" not in e.sentence and e.to_dict()["sentence"] == e.sentence
+    assert e.features == fitted.explainer.explain(user, outside).features  # the evidence itself is unchanged
+
+
 def test_bundle_damage_and_versions_are_detected(fitted, tmp_path):
     path = fitted.save(tmp_path / "b")
     broken = tmp_path / "broken"
