@@ -47,3 +47,12 @@ class UnknownIdError(KgrecError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain
         return str(self.args[0]) if self.args else ""
+
+
+def check_query_text(text: str | None, what: str) -> None:
+    """Refuse a text query that was given but is empty or only whitespace (it would match arbitrary items): one
+    rule and one message for the command line (``what`` = the flag) and HTTP (``what`` = the parameter; FastAPI's
+    ``min_length`` counts the spaces)."""
+    if text is not None and not text.strip():
+        blank = "only whitespace" if text else "an empty string"
+        raise DataError(f"the query is empty: {what} is {blank}; give some words to search for")

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import typer
 
 from kgrec.config import Config
-from kgrec.errors import DataError, KgrecError
+from kgrec.errors import KgrecError
 
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file (see README: Configuration).")
 
@@ -19,13 +19,6 @@ def register(app: typer.Typer) -> None:  # this module holds helpers only
 
 def load_config(path: Path | None, **overrides: Any) -> Config:
     return Config.load(path, overrides=overrides)
-
-
-def check_query_text(text: str | None, what: str) -> None:
-    """Refuse a text query that was given but is empty or only whitespace (it would match arbitrary items)."""
-    if text is not None and not text.strip():
-        blank = "only whitespace" if text else "an empty string"
-        raise DataError(f"the query is empty: {what} is {blank}; give some words to search for")
 
 
 def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

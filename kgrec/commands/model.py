@@ -7,7 +7,8 @@ from typing import Any
 
 import typer
 
-from kgrec.commands._common import CONFIG_OPTION, check_query_text, clean_errors, load_config
+from kgrec.commands._common import CONFIG_OPTION, clean_errors, load_config
+from kgrec.errors import check_query_text
 from kgrec.evaluation import ABLATIONS, BASELINES  # the module imports numpy only at the top
 
 _EVAL_BASELINES, _EVAL_ABLATIONS = BASELINES, tuple(ABLATIONS)

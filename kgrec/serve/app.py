@@ -51,7 +51,7 @@ from pydantic import BaseModel, Field
 
 from kgrec import __version__
 from kgrec.config import Config, ServeConfig
-from kgrec.errors import DataError, KgrecError, UnknownIdError
+from kgrec.errors import DataError, KgrecError, UnknownIdError, check_query_text
 from kgrec.serve.batching import MicroBatcher
 
 logger = logging.getLogger(__name__)
@@ -177,13 +177,6 @@ def _read_upload(upload: UploadFile, limit: int) -> bytes:
     if not data:
         raise NotAnImage(f"uploaded file {upload.filename!r} is empty; send a PNG, JPEG, GIF, BMP or WebP image")
     return data
-
-
-def _check_query_text(text: str | None, name: str) -> None:
-    """A text parameter that was sent but is empty or only whitespace is bad input (422): it would match arbitrary
-    items. FastAPI's ``min_length`` counts the spaces, so this is checked here."""
-    if text is not None and not text.strip():
-        raise DataError(f"the query is empty: {name!r} is {'only whitespace' if text else 'an empty string'}")
 
 
 def _check_image(data: bytes, filename: str | None) -> None:
@@ -391,7 +384,7 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         explain: bool = Query(False, description="attach an explanation to every result"),
     ) -> dict[str, Any]:
         """Top-k items for a user (GNN candidates re-ranked by LightGBM), optionally steered by a query."""
-        _check_query_text(query, "query")
+        check_query_text(query, "'query'")
         t0 = time.perf_counter()
         if query:
             recs = await batcher.run(rec.recommend, user, k, query, explain)
@@ -417,7 +410,7 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         k: int = K,
     ) -> dict[str, Any]:
         """Cross-modal text search (BERT text space + CLIP text->image)."""
-        _check_query_text(text, "text")
+        check_query_text(text, "'text'")
         t0 = time.perf_counter()
         recs = await batcher.submit("search", batch_search, (text, k))
         return {"results": _results(recs), "took_ms": (time.perf_counter() - t0) * 1e3}
@@ -431,7 +424,7 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         k: int = Form(10, ge=1, le=max_k, description=f"number of results (1..{max_k})"),
     ) -> dict[str, Any]:
         """Image search (CLIP image->image), optionally combined with text."""
-        _check_query_text(text, "text")
+        check_query_text(text, "'text'")
         t0 = time.perf_counter()
         data = _read_upload(image, cfg.max_upload_bytes)
         _check_image(data, image.filename)
@@ -452,7 +445,7 @@ def create_app(recommender: Any, config: Config | ServeConfig | None = None, *, 
         query: str | None = Query(None, max_length=max_chars),
     ) -> dict[str, Any]:
         """Why ``item`` suits ``user``: cited ranker features, KG paths, modality evidence, a sentence."""
-        _check_query_text(query, "query")
+        check_query_text(query, "'query'")
         e = await batcher.run(lambda: rec.explain(user, item, query=query or None))
         out = _finite(e.to_dict())
         out["image_url"] = _image_url(item, out.get("image"))
