@@ -897,7 +897,11 @@ class Recommender:
         if self.seen[u, i]:
             return e.with_standing("is already in your history, so it is not recommended again")
         c = min(self.config.ranking.num_candidates, len(self.item_ids))
-        if item_id not in {r.item_id for r in self.recommend(user_id, c, query=query)}:
+        # without a query the recommendable items are exactly the retrieval candidates (no ranker pass needed);
+        # a query adds its own matches, so then the steered list is asked
+        listed = (i in self._candidates(np.array([u]), self.seen, c)[0] if not query
+                  else item_id in {r.item_id for r in self.recommend(user_id, c, query=query)})
+        if not listed:
             return e.with_standing(f"is not among your top {c} candidates, so it is not recommended")
         return e
 
