@@ -308,6 +308,19 @@ class TrainedModel:
     item_item: np.ndarray | None = None
     hybrid_weight: float = 0.0
     ease_lambda: float | None = None
+    hybrid_relative_weight: float | None = None  # the weight as chosen (1 = EASE and embeddings equal on average);
+    # None in models saved before it was recorded
+
+    @property
+    def kept_epochs(self) -> int:
+        """Epochs behind the kept state: up to the best validation epoch (the last of equal bests), else all run."""
+        scored = [h for h in self.history if h.get("valid")]
+        if not scored:
+            return len(self.history)
+        top = scored[0]
+        for h in scored:
+            top = h if h["valid"]["ndcg@20"] >= top["valid"]["ndcg@20"] else top
+        return int(top["epoch"]) + 1
 
     @property
     def num_users(self) -> int:
@@ -422,6 +435,7 @@ class TrainedModel:
                 "attention_dim": self.fusion.att.out_features,
                 "hybrid_weight": self.hybrid_weight,
                 "ease_lambda": self.ease_lambda,
+                "hybrid_relative_weight": self.hybrid_relative_weight,
                 "relation_weights": self.relation_weights,
                 "modalities": list(MODALITIES),
                 "history": self.history,
@@ -463,6 +477,7 @@ class TrainedModel:
             item_item=t.get("item_item"),
             hybrid_weight=meta["hybrid_weight"],
             ease_lambda=meta["ease_lambda"],
+            hybrid_relative_weight=meta.get("hybrid_relative_weight"),
         )
 
 
@@ -573,31 +588,41 @@ def train_model(
         return tm
 
 
-def add_ease_term(tm: TrainedModel, valid: sp.csr_matrix, cfg: FusionConfig, device: torch.device | str = "cpu") -> None:
+def add_ease_term(tm: TrainedModel, valid: sp.csr_matrix, cfg: FusionConfig, device: torch.device | str = "cpu",
+                  *, setting: tuple[float, float] | None = None) -> None:
     """Fit EASE on the training matrix and choose (lambda, weight) of the hybrid term by validation NDCG@20.
 
     The embedding scores are rescaled per model so that weight 1 means "EASE and the GNN contribute equally on
-    average" (ratio of mean absolute score over validation users); ``hybrid_weight`` stores the absolute factor.
+    average" (ratio of mean absolute score over validation users); ``hybrid_weight`` stores the absolute factor,
+    ``hybrid_relative_weight`` the weight chosen. ``setting=(lambda, relative weight)`` uses that one setting
+    without a search (another model's choice); ``valid`` then only names the users the scales are measured on.
     """
     from fusion.baselines import EASE
 
     best: tuple[float, Any, float, Any, float] = (-1.0, None, 0.0, None, 0.0)  # score, B, weight, lambda, w
     users = np.flatnonzero(np.diff(valid.indptr) > 0)
     emb_scale = float(np.abs(tm.score_all(users[:512]).numpy()).mean()) if tm.hybrid_weight == 0 else 1.0
-    for lam in cfg.ease_lambdas:
+    lambdas, weights = ([setting[0]], [setting[1]]) if setting is not None else (cfg.ease_lambdas, cfg.hybrid_weights)
+    for lam in lambdas:
         ease = EASE(lam, device=str(device)).fit(tm.train_matrix)
         b = ease.B.cpu().numpy()
         x = torch.as_tensor(tm.train_matrix[users[:512]].toarray())
         ease_scale = float((x @ torch.as_tensor(b)).abs().mean()) or 1.0
-        for w in cfg.hybrid_weights:
+        for w in weights:
             tm.item_item, tm.hybrid_weight = b, w * emb_scale / ease_scale
+            if setting is not None:
+                best = (0.0, b, tm.hybrid_weight, lam, w)
+                continue
             res = evaluate(lambda u: tm.score_all(u), valid, tm.train_matrix, ks=(20,))
             logger.debug("hybrid lambda %.0f weight %.2f: valid ndcg@20 %.4f", lam, w, res["ndcg@20"])
             if res["ndcg@20"] > best[0]:
                 best = (res["ndcg@20"], b, tm.hybrid_weight, lam, w)
     score, tm.item_item, tm.hybrid_weight, tm.ease_lambda, chosen = best
-    tried = len(cfg.ease_lambdas) * len(cfg.hybrid_weights)
-    if score < 0:  # nothing tried, or no setting scored (NaN): no EASE term
+    tm.hybrid_relative_weight = float(chosen)
+    tried = len(lambdas) * len(weights)
+    if setting is not None:
+        logger.debug("EASE term: lambda %.0f, weight %.2f given", setting[0], setting[1])
+    elif score < 0:  # nothing tried, or no setting scored (NaN): no EASE term
         logger.info("EASE term: not used, no setting scored on valid (%d settings tried)", tried)
     elif chosen:
         logger.info("EASE term: lambda %.0f, weight %.2f, chosen on valid ndcg@20 %.4f (%d settings tried)",

@@ -10,7 +10,9 @@
 3. **encode** every item (BERT text, CLIP image and CLIP text; cached by content hash);
 4. **GNN + fusion** on the train pairs and the KG relations, early-stopped on valid NDCG@20;
 5. **ranker**: LightGBM LambdaRank on the GNN's top candidates of each user, labelled by the user's valid events
-   (graded purchase > cart > click > view), features computed from train-only interactions (no leakage);
+   (graded purchase > cart > click > view), features computed from train-only interactions (no leakage); with
+   ``ranking.label_source`` "fold" / "valid+fold" it also (or instead) learns from a held-out fold of train, with a
+   GNN refitted on the rest of train (``fold_holdout``);
 6. **evaluate** on test (history = train + valid masked): popularity, EASE, GNN retrieval, GNN + ranker.
 
 The fitted object serves ``recommend`` / ``similar`` / ``search`` / ``explain`` with every event as history, and
@@ -120,6 +122,35 @@ def temporal_pair_split(pairs: pd.DataFrame) -> np.ndarray:
     from fusion.splits import temporal_split
 
     return temporal_split(pairs["u"].to_numpy(), pairs["ts"].to_numpy() * 1000 + pairs["i"].to_numpy() % 1000)
+
+
+def split_is_temporal(pairs: pd.DataFrame, min_share: float = 0.9) -> bool:
+    """Whether ``pairs``' valid split comes after train in time: for at least ``min_share`` of the users with both,
+    every valid pair is no earlier than every train pair (true of the split ``fit`` makes itself)."""
+    tr, va = pairs[pairs["split"] == 0], pairs[pairs["split"] == 1]
+    last = tr.groupby("u")["ts"].max()
+    first = va.groupby("u")["ts"].min()
+    both = last.index.intersection(first.index)
+    if len(both) == 0:
+        return False
+    return bool((first[both] >= last[both]).mean() >= min_share)
+
+
+def fold_holdout(train_pairs: pd.DataFrame, kind: str, share: float, seed: int = 2020) -> np.ndarray:
+    """(n,) bool: the train pairs (u, i, ts) held out as the ranker's fold, ``int(share * n)`` of each user's ``n``
+    (users with fewer than ``1 / share`` pairs keep all): the latest ones (``kind="temporal"``, ties by item as in
+    ``temporal_pair_split``) or a seeded random sample (``"random"``)."""
+    from fusion.splits import random_split, temporal_split
+
+    u = train_pairs["u"].to_numpy()
+    if kind == "temporal":
+        codes = temporal_split(u, train_pairs["ts"].to_numpy() * 1000 + train_pairs["i"].to_numpy() % 1000,
+                               ratios=(1.0 - share, share, 0.0))
+    elif kind == "random":
+        codes = random_split(u, ratios=(1.0 - share, share, 0.0), seed=seed)
+    else:
+        raise ValueError(f"fold kind must be temporal or random, got {kind!r}")
+    return codes == 1
 
 
 def aligned_content(embeddings: Any, item_ids: Sequence[str]) -> tuple[Any, Any, Any]:
@@ -405,6 +436,15 @@ def encode_clip_queries(clip_encoder: Any, texts: Sequence[str]) -> np.ndarray:
     return feats.float().numpy()
 
 
+def _model_scores(model: Any, users: np.ndarray, candidates: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(n, C) ``model.score_all`` scores of each user's candidates (-1 pads score as item 0)."""
+    out = np.empty(candidates.shape, dtype=np.float32) if out is None else out
+    for s in range(0, len(users), 256):
+        scores = model.score_all(np.asarray(users[s : s + 256])).numpy()
+        out[s : s + 256] = np.take_along_axis(scores, np.maximum(candidates[s : s + 256], 0), axis=1)
+    return out
+
+
 def _zscore(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     sd = x.std()
@@ -576,15 +616,19 @@ class Recommender:
         t0 = time.perf_counter()
         if ev_split is None:
             ev_split = event_split_codes(events, pairs, self.user_pos, self.item_pos)
-        if len(va):
-            self.ranker = self._fit_ranker(events[ev_split == 0], events[ev_split == 1], tr)
+        if len(va) or "fold" in self.config.ranking.label_source:
+            self.ranker = self._fit_ranker(events, ev_split, pairs)
         t1 = time.perf_counter()
         if len(te):
             self.metrics.update(self._evaluate(events[ev_split <= 1], tr, va, te))
         return {"train_ranker_s": t1 - t0, "evaluate_s": time.perf_counter() - t1}
 
-    def _context_for(self, events: pd.DataFrame) -> Any:
+    def _context_for(self, events: pd.DataFrame, model: Any = None) -> Any:
+        """Ranking context with ``events`` as the history and ``model``'s vectors (default: the fitted GNN)."""
         from ranking.context import RankingContext
+
+        own = model is None
+        model = self.model if own else model
 
         hetero = interaction_view(self.hetero, self.id_maps, events, self.config.kg.also_bought_min_count)
         emb_pos = _index(self.embeddings.item_ids)
@@ -593,12 +637,13 @@ class Recommender:
         image = self.embeddings.image[order] if self.embeddings.image.shape[1] else None
         ctx = RankingContext.from_hetero(
             hetero, self.id_maps,
-            user_vectors=self.model.user_embeddings, item_vectors=self.model.item_embeddings,
+            user_vectors=model.user_embeddings, item_vectors=model.item_embeddings,
             user_ids=self.user_ids, item_ids=self.item_ids,
-            item_text=text, item_image=image, modality_weights=self.model.modality_weights,
+            item_text=text, item_image=image, modality_weights=model.modality_weights,
             items=self.items.reset_index(drop=True), events=events,
         )
-        ctx.retrieval_scorer = self._retrieval_scores
+        ctx.retrieval_scorer = self._retrieval_scores if own else (
+            lambda users, candidates: _model_scores(model, users, candidates))
         return ctx
 
     def _retrieval_scores(self, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -610,42 +655,114 @@ class Recommender:
             # the same users' scores that _candidates just computed (same product shape: the same numbers)
             out[:] = np.take_along_axis(memo[1], np.maximum(candidates, 0), axis=1)
             return out
-        for s in range(0, len(users), 256):
-            scores = self.model.score_all(np.asarray(users[s : s + 256])).numpy()
-            out[s : s + 256] = np.take_along_axis(scores, np.maximum(candidates[s : s + 256], 0), axis=1)
-        return out
+        return _model_scores(self.model, users, candidates, out)
 
-    def _candidates(self, users: np.ndarray, exclude: sp.csr_matrix | None, c: int) -> np.ndarray:
-        """(n, c) top GNN items per user (``exclude``: (U, I) CSR over all users; -1 pads when too few)."""
+    def _candidates(self, users: np.ndarray, exclude: sp.csr_matrix | None, c: int, model: Any = None) -> np.ndarray:
+        """(n, c) top GNN items per user (``exclude``: (U, I) CSR over all users; -1 pads when too few);
+        ``model``: another retrieval model than the fitted one (its scores are not memoised)."""
         from fusion.retrieve import topk_from_scores
 
+        own = model is None
+        model = self.model if own else model
         out = []
         for s in range(0, len(users), 512):
             b = users[s : s + 512]
-            scores = self.model.score_all(b)
-            if len(users) <= _MEMO_USERS:  # kept for _retrieval_scores (the gnn_score feature) on this thread
+            scores = model.score_all(b)
+            if own and len(users) <= _MEMO_USERS:  # kept for _retrieval_scores (the gnn_score feature) on this thread
                 self._scores_memo.value = (np.asarray(b, dtype=np.int64).tobytes(), scores.numpy())
             idx, _ = topk_from_scores(scores, c, None if exclude is None else exclude[b])
             out.append(idx)
         return np.concatenate(out) if out else np.zeros((0, c), dtype=np.int64)
 
-    def _fit_ranker(self, train_events: pd.DataFrame, valid_events: pd.DataFrame, tr: pd.DataFrame) -> Any:
-        """LightGBM LambdaRank on the GNN's candidates for users with valid events (features: train history only)."""
+    def _fit_ranker(self, events: pd.DataFrame, ev_split: np.ndarray, pairs: pd.DataFrame) -> Any:
+        """LightGBM LambdaRank on the GNN's candidates for users with valid events (features: train history only),
+        and / or on a held-out fold of train (``ranking.label_source``, ``_fold_inputs``). Without valid events the
+        fold serves early stopping too (20% of its users)."""
         from ranking.features import FeatureBuilder
+        from ranking.ranker import build_training_set
         from ranking.train import fit_ranker
 
         cfg = self.config.ranking
-        builder = FeatureBuilder(self._context_for(train_events))
-        train_csr = _to_csr(tr["u"], tr["i"], (len(self.user_ids), len(self.item_ids)))
+        tr = pairs[pairs["split"] == 0]
+        valid_events = events[ev_split == 1]
         users = np.unique(valid_events["user_id"].astype(str).map(self.user_pos).dropna().astype(np.int64))
-        cand = self._candidates(users, train_csr, min(cfg.num_candidates, len(self.item_ids)))
+        fold, fold_report = None, None
+        if "fold" in cfg.label_source:
+            fold, fold_report = self._fold_inputs(events, ev_split, pairs)
         try:
-            ranker, report = fit_ranker(builder, users, cand, valid_events, config=cfg)
+            if len(users):
+                builder = FeatureBuilder(self._context_for(events[ev_split == 0]))
+                train_csr = _to_csr(tr["u"], tr["i"], (len(self.user_ids), len(self.item_ids)))
+                cand = self._candidates(users, train_csr, min(cfg.num_candidates, len(self.item_ids)))
+                extra = [] if fold is None else [("fold", build_training_set(*fold))]
+                ranker, report = fit_ranker(builder, users, cand, valid_events, config=cfg, extra_train=extra,
+                                            learn_from_heldout="valid" in cfg.label_source or fold is None)
+            elif fold is not None:
+                logger.info("no valid events: the ranker learns from the train fold and stops early on 20%% of its users")
+                ranker, report = fit_ranker(*fold, config=cfg)
+            else:
+                raise DataError("no valid events and no train fold to learn from")
         except DataError as exc:
             logger.warning("no ranker: %s", exc)
             return None
+        if fold_report is not None:
+            report["fold"] = fold_report
         self.metrics["ranker_training"] = report
         return ranker
+
+    def _fold_inputs(self, events: pd.DataFrame, ev_split: np.ndarray, pairs: pd.DataFrame
+                     ) -> tuple[tuple[Any, np.ndarray, np.ndarray, pd.DataFrame] | None, dict[str, Any]]:
+        """A held-out fold of train for the ranker to learn from: the GNN refitted (same config, the epochs the
+        fitted GNN kept, its EASE setting) on the rest of train. Returns ``((feature builder over the rest's
+        history and the refitted GNN, users with fold pairs, their candidates, the fold's events) or None, report)``.
+        """
+        from fusion.train import add_ease_term, train_model
+        from ranking.features import FeatureBuilder
+
+        t0 = time.perf_counter()
+        cfg = self.config
+        tr = pairs[pairs["split"] == 0].reset_index(drop=True)
+        n_va = int((pairs["split"] == 1).sum())
+        kind = cfg.ranking.fold_split
+        if kind == "auto":
+            kind = "temporal" if split_is_temporal(pairs) else "random"
+        share = cfg.ranking.fold_share or (n_va / (len(tr) + n_va) if n_va else 0.1)
+        hold = fold_holdout(tr, kind, share, seed=cfg.ranking.seed)
+        report: dict[str, Any] = {"split": kind, "share": round(float(share), 4), "held_pairs": int(hold.sum()),
+                                  "users": int(tr.loc[hold, "u"].nunique())}
+        if not hold.any():
+            logger.warning("ranker fold: no train pairs to hold out (%s, share %.2f: a user needs %d train pairs); "
+                           "the ranker learns from the valid events only", kind, share, int(np.ceil(1 / share)))
+            return None, report
+        train_events = events[ev_split == 0]
+        fold_pairs = tr.assign(split=np.where(hold, 1, 0).astype(np.int8))
+        codes = event_split_codes(train_events, fold_pairs, self.user_pos, self.item_pos)
+        rest_events, fold_events = train_events[codes == 0], train_events[codes == 1]
+        rest = tr[~hold]
+        n_u, n_i = len(self.user_ids), len(self.item_ids)
+        text, image, present = aligned_content(self.embeddings, self.item_ids)
+        epochs = max(1, self.model.kept_epochs)
+        model = train_model(
+            n_u, n_i, rest["u"].to_numpy(), rest["i"].to_numpy(),
+            graph=interaction_view(self.hetero, self.id_maps, rest_events, cfg.kg.also_bought_min_count),
+            text=text, image=image, image_present=present, valid=None,
+            config=cfg.fusion.model_copy(update={"epochs": epochs}), progress=False,
+        )
+        if self.model.item_item is not None and self.model.hybrid_weight:
+            held = _to_csr(tr.loc[hold, "u"], tr.loc[hold, "i"], (n_u, n_i))  # users the EASE scale is measured on
+            rel = self.model.hybrid_relative_weight
+            add_ease_term(model, held, cfg.fusion, setting=(self.model.ease_lambda, 1.0 if rel is None else rel))
+            if rel is None:  # a model saved before the relative weight was kept: its absolute weight
+                model.hybrid_weight = self.model.hybrid_weight
+        builder = FeatureBuilder(self._context_for(rest_events, model))
+        users = np.unique(tr.loc[hold, "u"].to_numpy())
+        rest_csr = _to_csr(rest["u"], rest["i"], (n_u, n_i))
+        cand = self._candidates(users, rest_csr, min(cfg.ranking.num_candidates, n_i), model=model)
+        report.update(gnn_epochs=int(epochs), seconds=round(time.perf_counter() - t0, 2))
+        logger.info("ranker fold: %d of %d train pairs held out (%s, share %.2f) from %d users; GNN refitted on the "
+                    "rest (%d epochs, %.1fs)", report["held_pairs"], len(tr), kind, share, report["users"], epochs,
+                    report["seconds"])
+        return (builder, users, cand, fold_events), report
 
     def _evaluate(self, history_events: pd.DataFrame, tr: pd.DataFrame, va: pd.DataFrame, te: pd.DataFrame) -> dict[str, Any]:
         """Test metrics (RecBole definitions, train+valid masked) for baselines, the GNN and GNN + ranker."""

@@ -13,6 +13,7 @@ labels (``LABEL_GRADES``) teach the ranker which candidates the user went on to 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import pandas as pd
 from kgrec.config import RankingConfig
 from kgrec.errors import DataError
 from ranking.features import FeatureBuilder
-from ranking.ranker import Ranker, build_training_set, grade_matrix, ndcg_at_k
+from ranking.ranker import Ranker, TrainingSet, build_training_set, grade_matrix, ndcg_at_k
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ def fit_ranker(
     config: RankingConfig | None = None,
     valid_fraction: float = 0.2,
     seed: int | None = None,
+    extra_train: Sequence[tuple[str, TrainingSet]] = (),
+    learn_from_heldout: bool = True,
 ) -> tuple[Ranker, dict[str, Any]]:
     """Train a :class:`Ranker` on users' candidates labelled by their held-out events.
 
@@ -42,6 +45,12 @@ def fit_ranker(
     stopping on NDCG@20. Users whose candidates contain none of their held-out items are dropped (they carry no
     ranking signal). Returns the ranker and a report (rows, groups, NDCG@20 on the validation users for the
     ranker and for the retrieval order).
+
+    ``extra_train``: more labelled groups to learn from, as ``(name, TrainingSet)`` built with the same feature
+    columns (``Recommender.fit``'s held-out fold of train: another retrieval model's candidates, features from
+    another history); groups of the validation users are left out of them, so early stopping and the report stay on
+    users the ranker has not learnt from. ``learn_from_heldout=False`` learns from ``extra_train`` only (the
+    held-out events then serve early stopping and the report alone).
     """
     config = config or RankingConfig()
     rng = np.random.default_rng(config.seed if seed is None else seed)
@@ -50,8 +59,15 @@ def fit_ranker(
     order = rng.permutation(len(user_index))
     n_valid = max(1, int(round(len(order) * valid_fraction)))
     va, tr = order[:n_valid], order[n_valid:]
-    train = build_training_set(builder, user_index[tr], candidates[tr], heldout_events)
     valid = build_training_set(builder, user_index[va], candidates[va], heldout_events)
+    parts: list[tuple[str, TrainingSet]] = []
+    if learn_from_heldout:
+        parts.append(("heldout", build_training_set(builder, user_index[tr], candidates[tr], heldout_events)))
+    for name, ts in extra_train:
+        if tuple(ts.names) != tuple(builder.names):
+            raise ValueError(f"training set {name!r} has other feature columns than the builder")
+        parts.append((name, _without_users(ts, user_index[va])))
+    train = _concat(parts, builder.names)
     if len(train.group) == 0:
         raise DataError(
             "no training user has a held-out event among their retrieval candidates: the ranker cannot learn; "
@@ -69,6 +85,8 @@ def fit_ranker(
         "valid_groups": int(len(valid.group)),
         "best_iteration": ranker.best_iteration_,
     }
+    if extra_train or not learn_from_heldout:
+        report["train_groups_by_source"] = {name: int(len(ts.group)) for name, ts in parts}
     if len(valid.group):
         position = np.concatenate([np.arange(g) for g in valid.group]).astype(float)  # retrieval order
         report["valid_ndcg@20_ranker"] = ndcg_at_k(ranker.predict(valid.X), valid.y, valid.group, 20, ranker.label_gain)
@@ -84,6 +102,33 @@ def fit_ranker(
             report["valid_groups"], report["valid_ndcg@20_ranker"], report["valid_ndcg@20_retrieval"],
             report["best_iteration"] or 0)
     return ranker, report
+
+
+def _without_users(ts: TrainingSet, users: np.ndarray) -> TrainingSet:
+    """``ts`` without the groups of ``users`` (and their rows)."""
+    keep = ~np.isin(ts.user_index, users)
+    if keep.all():
+        return ts
+    rows = np.repeat(keep, ts.group)
+    return TrainingSet(X=ts.X[rows], y=ts.y[rows], group=ts.group[keep], user_index=ts.user_index[keep],
+                       candidates=ts.candidates[keep], names=ts.names)
+
+
+def _concat(parts: list[tuple[str, TrainingSet]], names: tuple[str, ...]) -> TrainingSet:
+    """One training set from several (groups in order; candidate lists padded with -1 to the longest)."""
+    if len(parts) == 1:
+        return parts[0][1]
+    sets = [ts for _, ts in parts]
+    width = max([ts.candidates.shape[1] for ts in sets] + [0])
+    cands = [np.pad(ts.candidates, ((0, 0), (0, width - ts.candidates.shape[1])), constant_values=-1) for ts in sets]
+    return TrainingSet(
+        X=np.concatenate([ts.X for ts in sets]) if sets else np.zeros((0, len(names)), dtype=np.float32),
+        y=np.concatenate([ts.y for ts in sets]) if sets else np.zeros(0, dtype=np.int32),
+        group=np.concatenate([ts.group for ts in sets]) if sets else np.zeros(0, dtype=np.int64),
+        user_index=np.concatenate([ts.user_index for ts in sets]) if sets else np.zeros(0, dtype=np.int64),
+        candidates=np.concatenate(cands) if sets else np.zeros((0, 0), dtype=np.int64),
+        names=tuple(names),
+    )
 
 
 def evaluate_reranking(

@@ -376,3 +376,35 @@ def test_an_ease_search_with_nothing_to_try_leaves_the_term_off(taste, trained, 
         add_ease_term(tm, valid, _cfg(ease_lambdas=[], hybrid_weights=[0.0, 1.0]))
     assert tm.item_item is None and tm.hybrid_weight == 0 and tm.ease_lambda is None
     assert "EASE term: not used, no setting scored on valid (0 settings tried)" in caplog.text
+
+
+def test_an_ease_setting_carries_to_another_model_and_through_save(taste, trained, tmp_path) -> None:
+    # the ranker's train fold refits the GNN and reuses the fitted model's EASE choice (lambda, relative weight)
+    import copy
+
+    from fusion.train import add_ease_term
+
+    valid = to_csr(*_pairs(taste, 1), (taste.num_users, taste.num_items))
+    tm = copy.deepcopy(trained)
+    tm.item_item, tm.hybrid_weight, tm.ease_lambda, tm.hybrid_relative_weight = None, 0.0, None, None
+    add_ease_term(tm, valid, _cfg(ease_lambdas=[20.0], hybrid_weights=[2.0]))  # one setting, chosen
+    assert (tm.ease_lambda, tm.hybrid_relative_weight) == (20.0, 2.0) and tm.hybrid_weight > 0
+    other = copy.deepcopy(trained)
+    other.item_item, other.hybrid_weight, other.ease_lambda = None, 0.0, None
+    add_ease_term(other, valid, _cfg(), setting=(20.0, 2.0))  # no search: the config's grid is not used
+    assert (other.ease_lambda, other.hybrid_relative_weight) == (20.0, 2.0)
+    assert other.hybrid_weight == pytest.approx(tm.hybrid_weight) and np.allclose(other.item_item, tm.item_item)
+    tm.save(tmp_path / "m")
+    assert TrainedModel.load(tmp_path / "m").hybrid_relative_weight == 2.0
+
+
+def test_kept_epochs_is_the_best_validation_epoch(trained) -> None:
+    scored = [h for h in trained.history if h.get("valid")]
+    best = max(h["valid"]["ndcg@20"] for h in scored)
+    last_best = max(h["epoch"] for h in scored if h["valid"]["ndcg@20"] == best)
+    assert trained.kept_epochs == last_best + 1 <= len(trained.history)
+    import copy
+
+    plain = copy.copy(trained)
+    plain.history = [{"epoch": e, "loss": 1.0, "train_seconds": 0.1, "valid": {}} for e in range(5)]
+    assert plain.kept_epochs == 5  # trained without validation: every epoch

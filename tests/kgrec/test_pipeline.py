@@ -672,3 +672,94 @@ def test_cli_recommend_from_chosen_items(fitted, tmp_path):
     assert res.exit_code == 2 and "without USER" in res.output
     res = CliRunner().invoke(app, ["recommend", "--bundle", str(path)])
     assert res.exit_code == 2 and "--query / --items" in res.output
+
+
+def test_fold_holdout_takes_each_users_latest_or_a_random_share():
+    import pandas as pd
+
+    from kgrec.pipeline import fold_holdout, split_is_temporal, temporal_pair_split
+
+    rng = np.random.default_rng(0)
+    sizes = {0: 20, 1: 10, 2: 9, 3: 35}  # user 2: fewer than 1 / 0.1 pairs, keeps all
+    pairs = pd.DataFrame({"u": np.repeat(list(sizes), list(sizes.values())),
+                          "i": np.concatenate([rng.choice(500, n, replace=False) for n in sizes.values()]),
+                          "ts": rng.integers(0, 10**6, sum(sizes.values()))})
+    held = fold_holdout(pairs, "temporal", 0.1)
+    assert pairs[held].groupby("u").size().to_dict() == {0: 2, 1: 1, 3: 3}
+    for u, g in pairs.groupby("u"):
+        h = held[g.index]
+        if h.any():  # the latest of the user's pairs
+            assert g["ts"][h].min() >= g["ts"][~h].max()
+    rnd = fold_holdout(pairs, "random", 0.1, seed=1)
+    assert pairs[rnd].groupby("u").size().to_dict() == {0: 2, 1: 1, 3: 3}
+    assert (rnd == fold_holdout(pairs, "random", 0.1, seed=1)).all() and (rnd != held).any()
+    with pytest.raises(ValueError, match="temporal or random"):
+        fold_holdout(pairs, "by-day", 0.1)
+    # the split fit makes itself is temporal; a random one is not
+    pairs["split"] = temporal_pair_split(pairs)
+    assert split_is_temporal(pairs)
+    from fusion.splits import random_split
+
+    pairs["split"] = random_split(pairs["u"].to_numpy(), seed=0)
+    assert not split_is_temporal(pairs)
+
+
+def test_the_ranker_can_learn_from_a_held_out_fold_of_train(fitted, demo_dataset):
+    from kgrec.pipeline import event_split_codes, split_pairs
+
+    original = fitted.config.ranking.model_copy()
+    v_groups = fitted.metrics["ranker_training"]["train_groups"]
+    try:
+        out = fitted.refit_ranker(original.model_copy(update={"label_source": "fold"}), dataset=demo_dataset)
+        rep = out["ranker_training"]
+        fold = rep["fold"]
+        assert fold["split"] == "temporal"  # the demo has no split of its own: fit's temporal one
+        assert fold["held_pairs"] > 0 and fold["gnn_epochs"] == fitted.model.kept_epochs
+        assert set(rep["train_groups_by_source"]) == {"fold"} and rep["train_groups"] > 10
+        assert {"gnn", "gnn+ranker"} <= set(out["test"])
+        both = fitted.refit_ranker(original.model_copy(update={"label_source": "valid+fold"}), dataset=demo_dataset)
+        by = both["ranker_training"]["train_groups_by_source"]
+        assert by["heldout"] == v_groups and by["fold"] == rep["train_groups"]
+        # what the fold learns from: labels from train pairs held out, candidates and history from the rest only
+        events = demo_dataset.events
+        pairs = split_pairs(demo_dataset, events, fitted.user_pos, fitted.item_pos, seed=fitted.config.fusion.seed)
+        codes = event_split_codes(events, pairs, fitted.user_pos, fitted.item_pos)
+        (builder, users, cand, fold_events), _ = fitted._fold_inputs(events, codes, pairs)
+        n_i = len(fitted.item_ids)
+        train = set((pairs.loc[pairs["split"] == 0, "u"] * n_i + pairs.loc[pairs["split"] == 0, "i"]).tolist())
+        key = (fold_events["user_id"].map(fitted.user_pos) * n_i + fold_events["item_id"].map(fitted.item_pos))
+        held = set(key.tolist())
+        assert held and held <= train
+        hist = builder.ctx.history + builder.ctx.touched  # the fold model's feature history: the rest of train
+        seen = set((np.repeat(np.arange(hist.shape[0]), np.diff(hist.indptr)) * n_i + hist.indices).tolist())
+        assert not seen & held and seen <= train
+        picked = set((np.repeat(users, cand.shape[1]) * n_i + cand.ravel())[cand.ravel() >= 0].tolist())
+        assert picked & held and not picked & (train - held)  # candidates exclude the rest, may hold the fold
+    finally:
+        fitted.refit_ranker(original, dataset=demo_dataset)
+    assert fitted.metrics["ranker_training"]["train_groups"] == v_groups
+
+
+def test_a_dataset_without_valid_events_gets_a_ranker_from_a_train_fold(demo_dataset, tiny_encoders, tmp_path):
+    import pandas as pd
+
+    from kgrec.data.schema import Dataset
+
+    ev = demo_dataset.events
+    pairs = ev[["user_id", "item_id", "timestamp"]].groupby(["user_id", "item_id"], as_index=False).min()
+    last = pairs.groupby("user_id")["timestamp"].rank(method="first", ascending=False) <= 1
+    split = pd.DataFrame({"user_id": pairs["user_id"], "item_id": pairs["item_id"],
+                          "split": np.where(last, "test", "train")})
+    ds = Dataset.write(tmp_path / "ds", {"items": demo_dataset.items, "users": demo_dataset.users, "events": ev,
+                                         "triples": demo_dataset.triples, "links": demo_dataset.links,
+                                         "split": split}, images_from=demo_dataset.root)
+    over = {"fusion.epochs": 8, "fusion.dim": 32, "ranking.num_candidates": 50,
+            "encoders.cache_dir": str(tmp_path / "cache")}
+    rec = Recommender.fit(ds, Config.load(env={}, overrides=over), progress=False, encoders=tiny_encoders)
+    assert rec.ranker is None and "gnn+ranker" not in rec.metrics["test"]  # nothing to learn from by default
+    over["ranking.label_source"] = "fold"
+    rec = Recommender.fit(ds, Config.load(env={}, overrides=over), progress=False, encoders=tiny_encoders)
+    rep = rec.metrics["ranker_training"]
+    assert rec.ranker is not None and "gnn+ranker" in rec.metrics["test"]
+    assert rep["fold"]["split"] == "random"  # no valid split to tell time order from
+    assert rep["fold"]["gnn_epochs"] == 8 and rep["valid_groups"] > 0 and rep["train_groups"] > 0

@@ -154,3 +154,33 @@ def test_padded_candidates_get_no_training_row_and_no_label(trained):
     np.testing.assert_array_equal(padded.y, full.y[keep])
     table = evaluate_reranking(t.ranker, t.builder, users, cand, t.world.test_events)
     assert table["users"] == 40 and 0 <= table["reranked"]["recall@20"] <= 1
+
+
+def test_fit_ranker_learns_from_extra_sets_without_the_early_stopping_users(trained):
+    # extra labelled groups (Recommender.fit's held-out fold of train): the validation users' groups are left out of
+    # them, so early stopping and the report stay on users the ranker has not learnt from
+    from ranking.ranker import build_training_set
+    from ranking.train import fit_ranker
+
+    t = trained
+    users = np.arange(t.ctx.num_users * 8 // 10)
+    extra = build_training_set(t.builder, users, t.candidates[users], t.world.test_events)
+    cfg = small_config()
+    _, base = fit_ranker(t.builder, users, t.candidates[users], t.world.test_events, config=cfg, valid_fraction=0.25)
+    order = np.random.default_rng(cfg.seed).permutation(len(users))  # fit_ranker's own user split
+    es_users = users[order[: int(round(len(users) * 0.25))]]
+    outside = int((~np.isin(extra.user_index, es_users)).sum())
+    assert 0 < outside < len(extra.group)
+    _, only = fit_ranker(t.builder, users, t.candidates[users], t.world.test_events, config=cfg, valid_fraction=0.25,
+                         extra_train=[("fold", extra)], learn_from_heldout=False)
+    assert only["train_groups_by_source"] == {"fold": outside} and only["train_groups"] == outside
+    assert only["valid_groups"] == base["valid_groups"]  # the same early-stopping users
+    # here the extra set IS the held-out groups of every user: without the ES users, the usual training groups
+    assert outside == base["train_groups"]
+    _, both = fit_ranker(t.builder, users, t.candidates[users], t.world.test_events, config=cfg, valid_fraction=0.25,
+                         extra_train=[("fold", extra)])
+    assert both["train_groups_by_source"] == {"heldout": base["train_groups"], "fold": outside}
+    assert both["train_groups"] == base["train_groups"] + outside
+    with pytest.raises(ValueError, match="other feature columns"):
+        fit_ranker(t.builder, users, t.candidates[users], t.world.test_events, config=cfg,
+                   extra_train=[("fold", extra.__class__(**{**extra.__dict__, "names": extra.names[:-1]}))])

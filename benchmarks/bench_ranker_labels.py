@@ -1,0 +1,130 @@
+"""What should the product's re-ranker learn from? ``ranking.label_source`` compared with the GNN fixed.
+
+"valid" (the default): the valid events of 80% of the users who have one; "fold": a held-out fold of train instead
+(the GNN refitted on the rest of train; more users when train is large, one more GNN fit); "valid+fold": both.
+Every variant stops early on, and reports, the same 20% of the valid users, whose fold groups are left out.
+
+For each dataset: fit the ``Recommender`` once (label_source "valid"), then refit only the ranker per variant
+(``Recommender.refit_ranker``) and evaluate on test (RecBole definitions, train + valid masked) next to the GNN
+order. Datasets: the demo catalog seeds (``kgrec demo``'s data, CLIP heads aligned with ``fit-clip``) and, with
+``--ml100k DIR`` (RecBole atomic files, e.g. ``../shared/data/ml-100k-kg``), MovieLens-100k with its own split.
+
+    .venv/bin/python -m benchmarks.bench_ranker_labels [--seeds 0,1,2] [--ml100k ../shared/data/ml-100k-kg]
+
+Writes ``benchmarks/results/ranker_labels.json`` and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SOURCES = ("valid", "fold", "valid+fold")
+
+
+def demo_dataset(seed: int, items: int, users: int, work: Path) -> tuple[Path, str]:
+    """The demo catalog of ``seed`` ingested, and its fit-clip checkpoint."""
+    from encoders.fit_clip import fit_clip
+    from kgrec.config import Config
+    from kgrec.data.ingest import ingest
+    from kgrec.data.schema import Dataset
+    from kgrec.data.synthetic import generate_catalog
+
+    raw, ds_dir = work / f"raw{seed}", work / f"dataset{seed}"
+    generate_catalog(raw, n_items=items, n_users=users, seed=seed, images=True, progress=False)
+    ingest(raw, ds_dir, config=Config().data, progress=False)
+    fit_clip(Dataset.open(ds_dir), work / f"clip{seed}")
+    return ds_dir, str(work / f"clip{seed}")
+
+
+def run(name: str, ds_dir: Path, clip: str | None) -> list[dict[str, Any]]:
+    from kgrec.config import Config
+    from kgrec.data.schema import Dataset
+    from kgrec.pipeline import Recommender
+
+    cfg = Config()
+    if clip:
+        cfg.encoders.clip_checkpoint = clip
+    ds = Dataset.open(ds_dir)
+    rec = Recommender.fit(ds, cfg, progress=False)
+    rows = []
+    for src in SOURCES:
+        out = rec.refit_ranker(cfg.ranking.model_copy(update={"label_source": src}), dataset=ds)
+        rep, test = out["ranker_training"] or {}, out["test"]
+        rows.append({
+            "dataset": name, "label_source": src, "ranker_fit_s": round(out["timings"]["train_ranker_s"], 2),
+            "train_groups_by_source": rep.get("train_groups_by_source", {"heldout": rep.get("train_groups")}),
+            "valid_groups": rep.get("valid_groups"), "best_iteration": rep.get("best_iteration"),
+            "valid_ndcg@20_ranker": rep.get("valid_ndcg@20_ranker"),
+            "valid_ndcg@20_retrieval": rep.get("valid_ndcg@20_retrieval"), "fold": rep.get("fold"),
+            "gnn": {k: test["gnn"][k] for k in ("recall@20", "ndcg@20")},
+            "gnn+ranker": {k: test["gnn+ranker"][k] for k in ("recall@20", "ndcg@20")} if "gnn+ranker" in test else None,
+        })
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| dataset | learns from | groups | valid NDCG@20 ranker / retrieval | test R@20 / N@20 GNN | "
+             "GNN + ranker | ranker / GNN (R, N) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g, k = r["gnn"], r["gnn+ranker"]
+        groups = " + ".join(f"{v} {n}" for n, v in r["train_groups_by_source"].items())
+        valid = f"{r['valid_ndcg@20_ranker']:.4f} / {r['valid_ndcg@20_retrieval']:.4f}" if r["valid_ndcg@20_ranker"] else "–"
+        if k is None:
+            lines.append(f"| {r['dataset']} | {r['label_source']} | {groups} | {valid} | "
+                         f"{g['recall@20']:.4f} / {g['ndcg@20']:.4f} | no ranker | – |")
+            continue
+        lines.append(f"| {r['dataset']} | {r['label_source']} | {groups} | {valid} | {g['recall@20']:.4f} / "
+                     f"{g['ndcg@20']:.4f} | {k['recall@20']:.4f} / {k['ndcg@20']:.4f} | "
+                     f"{k['recall@20'] / g['recall@20']:.3f} / {k['ndcg@20'] / g['ndcg@20']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="0,1,2", help="demo-catalog seeds, comma-separated ('' for none)")
+    ap.add_argument("--items", type=int, default=1000)
+    ap.add_argument("--users", type=int, default=300)
+    ap.add_argument("--ml100k", type=Path, default=None, help="RecBole atomic files of ml-100k (ingested here)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args()
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kgrec-labels-") as tmp:
+        work = Path(tmp)
+        for s in (int(x) for x in a.seeds.split(",") if x.strip()):
+            rows += run(f"demo {s}", *demo_dataset(s, a.items, a.users, work))
+            print(table(rows[-len(SOURCES):]), flush=True)
+        if a.ml100k is not None:
+            from kgrec.data.ingest import ingest
+
+            ingest(a.ml100k, work / "ml100k", progress=False)
+            rows += run("ml-100k", work / "ml100k", None)
+    print(table(rows))
+    summary = {}
+    for src in SOURCES:
+        mine = [r for r in rows if r["label_source"] == src and r["gnn+ranker"]]
+        summary[src] = {
+            "mean_ratio_recall@20": float(np.mean([r["gnn+ranker"]["recall@20"] / r["gnn"]["recall@20"] for r in mine])),
+            "mean_ratio_ndcg@20": float(np.mean([r["gnn+ranker"]["ndcg@20"] / r["gnn"]["ndcg@20"] for r in mine])),
+            "mean_valid_gain": float(np.mean([r["valid_ndcg@20_ranker"] - r["valid_ndcg@20_retrieval"] for r in mine])),
+        }
+        print(f"{src}: mean test ranker / GNN Recall@20 {summary[src]['mean_ratio_recall@20']:.3f}, NDCG@20 "
+              f"{summary[src]['mean_ratio_ndcg@20']:.3f}; mean valid NDCG@20 gain {summary[src]['mean_valid_gain']:+.4f}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    args = f"--seeds {a.seeds}" + (f" --ml100k {a.ml100k}" if a.ml100k else "")
+    out = {"command": f"python -m benchmarks.bench_ranker_labels {args}", "machine": platform.platform(),
+           "wall_s": round(time.perf_counter() - t0, 1), "rows": rows, "summary": summary}
+    (a.out / "ranker_labels.json").write_text(json.dumps(out, indent=2, default=float), encoding="utf-8")
+    print(f"wrote {a.out / 'ranker_labels.json'} ({out['wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
