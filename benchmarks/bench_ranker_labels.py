@@ -2,7 +2,8 @@
 
 "valid" (the default): the valid events of 80% of the users who have one; "fold": a held-out fold of train instead
 (the GNN refitted on the rest of train; more users when train is large, one more GNN fit); "valid+fold": both.
-Every variant stops early on, and reports, the same 20% of the valid users, whose fold groups are left out.
+Every variant chooses its tree count on, and reports, the same valid users (``ranking.cv_folds``), whose fold
+groups are left out wherever they are held out.
 
 For each dataset: fit the ``Recommender`` once (label_source "valid"), then refit only the ranker per variant
 (``Recommender.refit_ranker``) and evaluate on test (RecBole definitions, train + valid masked) next to the GNN
@@ -44,7 +45,9 @@ def demo_dataset(seed: int, items: int, users: int, work: Path) -> tuple[Path, s
     return ds_dir, str(work / f"clip{seed}")
 
 
-def run(name: str, ds_dir: Path, clip: str | None) -> list[dict[str, Any]]:
+def run(name: str, ds_dir: Path, clip: str | None, key: str = "label_source",
+        variants: tuple[Any, ...] = SOURCES) -> list[dict[str, Any]]:
+    """Fit once, then refit only the ranker with ``ranking.<key>`` set to each of ``variants``; one row each."""
     from kgrec.config import Config
     from kgrec.data.schema import Dataset
     from kgrec.pipeline import Recommender
@@ -55,11 +58,11 @@ def run(name: str, ds_dir: Path, clip: str | None) -> list[dict[str, Any]]:
     ds = Dataset.open(ds_dir)
     rec = Recommender.fit(ds, cfg, progress=False)
     rows = []
-    for src in SOURCES:
-        out = rec.refit_ranker(cfg.ranking.model_copy(update={"label_source": src}), dataset=ds)
+    for value in variants:
+        out = rec.refit_ranker(cfg.ranking.model_copy(update={key: value}), dataset=ds)
         rep, test = out["ranker_training"] or {}, out["test"]
         rows.append({
-            "dataset": name, "label_source": src, "ranker_fit_s": round(out["timings"]["train_ranker_s"], 2),
+            "dataset": name, key: value, "ranker_fit_s": round(out["timings"]["train_ranker_s"], 2),
             "train_groups_by_source": rep.get("train_groups_by_source", {"heldout": rep.get("train_groups")}),
             "valid_groups": rep.get("valid_groups"), "best_iteration": rep.get("best_iteration"),
             "valid_ndcg@20_ranker": rep.get("valid_ndcg@20_ranker"),
@@ -70,18 +73,19 @@ def run(name: str, ds_dir: Path, clip: str | None) -> list[dict[str, Any]]:
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| dataset | learns from | groups | valid NDCG@20 ranker / retrieval | test R@20 / N@20 GNN | "
+def table(rows: list[dict[str, Any]], key: str = "label_source") -> str:
+    head = {"label_source": "learns from"}.get(key, key)
+    lines = [f"| dataset | {head} | groups | valid NDCG@20 ranker / retrieval | test R@20 / N@20 GNN | "
              "GNN + ranker | ranker / GNN (R, N) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         g, k = r["gnn"], r["gnn+ranker"]
         groups = " + ".join(f"{v} {n}" for n, v in r["train_groups_by_source"].items())
         valid = f"{r['valid_ndcg@20_ranker']:.4f} / {r['valid_ndcg@20_retrieval']:.4f}" if r["valid_ndcg@20_ranker"] else "–"
         if k is None:
-            lines.append(f"| {r['dataset']} | {r['label_source']} | {groups} | {valid} | "
+            lines.append(f"| {r['dataset']} | {r[key]} | {groups} | {valid} | "
                          f"{g['recall@20']:.4f} / {g['ndcg@20']:.4f} | no ranker | – |")
             continue
-        lines.append(f"| {r['dataset']} | {r['label_source']} | {groups} | {valid} | {g['recall@20']:.4f} / "
+        lines.append(f"| {r['dataset']} | {r[key]} | {groups} | {valid} | {g['recall@20']:.4f} / "
                      f"{g['ndcg@20']:.4f} | {k['recall@20']:.4f} / {k['ndcg@20']:.4f} | "
                      f"{k['recall@20'] / g['recall@20']:.3f} / {k['ndcg@20'] / g['ndcg@20']:.3f} |")
     return "\n".join(lines)

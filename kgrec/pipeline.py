@@ -677,7 +677,7 @@ class Recommender:
     def _fit_ranker(self, events: pd.DataFrame, ev_split: np.ndarray, pairs: pd.DataFrame) -> Any:
         """LightGBM LambdaRank on the GNN's candidates for users with valid events (features: train history only),
         and / or on a held-out fold of train (``ranking.label_source``, ``_fold_inputs``). Without valid events the
-        fold serves early stopping too (20% of its users)."""
+        fold's users also choose the tree count (``ranking.cv_folds``)."""
         from ranking.features import FeatureBuilder
         from ranking.ranker import build_training_set
         from ranking.train import fit_ranker
@@ -698,7 +698,7 @@ class Recommender:
                 ranker, report = fit_ranker(builder, users, cand, valid_events, config=cfg, extra_train=extra,
                                             learn_from_heldout="valid" in cfg.label_source or fold is None)
             elif fold is not None:
-                logger.info("no valid events: the ranker learns from the train fold and stops early on 20%% of its users")
+                logger.info("no valid events: the ranker learns from the train fold and its users choose the tree count")
                 ranker, report = fit_ranker(*fold, config=cfg)
             else:
                 raise DataError("no valid events and no train fold to learn from")

@@ -52,6 +52,7 @@ class Ranker:
         self.best_iteration_: int | None = None
         self.medians_: np.ndarray | None = None
         self.metrics_: dict[str, Any] = {}
+        self.eval_curve_: list[float] | None = None  # eval-set NDCG@20 after each iteration (fit with an eval set)
 
     @property
     def label_gain(self) -> list[float]:
@@ -103,6 +104,8 @@ class Ranker:
         self.metrics_ = {"best_iteration": self.best_iteration_, "train_rows": int(len(X)), "train_groups": int(len(group))}
         if eval_X is not None and model.best_score_:
             self.metrics_["valid_ndcg@20"] = float(model.best_score_["valid_0"]["ndcg@20"])
+        self.eval_curve_ = ([float(v) for v in model.evals_result_["valid_0"]["ndcg@20"]]
+                            if eval_X is not None and model.evals_result_ else None)
         logger.debug("ranker trained: %s", self.metrics_)  # fit_ranker logs the fuller report at INFO
         return self
 

@@ -51,12 +51,24 @@ def fit_ranker(
     another history); groups of the validation users are left out of them, so early stopping and the report stay on
     users the ranker has not learnt from. ``learn_from_heldout=False`` learns from ``extra_train`` only (the
     held-out events then serve early stopping and the report alone).
+
+    With ``config.cv_folds >= 2`` the users are cut into that many folds instead: each fold's ranker learns from the
+    others and stops early on it, the tree count is the best iteration of the fold-mean NDCG@20 curve, and the ranker
+    returned learns from every user with that many trees; the report's NDCG@20 is out-of-fold over all users
+    (``valid_fraction`` is not used).
     """
     config = config or RankingConfig()
     rng = np.random.default_rng(config.seed if seed is None else seed)
     user_index = np.asarray(user_index, dtype=np.int64)
     candidates = np.asarray(candidates, dtype=np.int64)
     order = rng.permutation(len(user_index))
+    for name, ts in extra_train:
+        if tuple(ts.names) != tuple(builder.names):
+            raise ValueError(f"training set {name!r} has other feature columns than the builder")
+    if config.cv_folds >= 2:
+        ranker, report = _fit_cv(builder, user_index, candidates, heldout_events, config, order, extra_train,
+                                 learn_from_heldout)
+        return ranker, _finish_report(ranker, report)
     n_valid = max(1, int(round(len(order) * valid_fraction)))
     va, tr = order[:n_valid], order[n_valid:]
     valid = build_training_set(builder, user_index[va], candidates[va], heldout_events)
@@ -64,8 +76,6 @@ def fit_ranker(
     if learn_from_heldout:
         parts.append(("heldout", build_training_set(builder, user_index[tr], candidates[tr], heldout_events)))
     for name, ts in extra_train:
-        if tuple(ts.names) != tuple(builder.names):
-            raise ValueError(f"training set {name!r} has other feature columns than the builder")
         parts.append((name, _without_users(ts, user_index[va])))
     train = _concat(parts, builder.names)
     if len(train.group) == 0:
@@ -88,10 +98,20 @@ def fit_ranker(
     if extra_train or not learn_from_heldout:
         report["train_groups_by_source"] = {name: int(len(ts.group)) for name, ts in parts}
     if len(valid.group):
-        position = np.concatenate([np.arange(g) for g in valid.group]).astype(float)  # retrieval order
-        report["valid_ndcg@20_ranker"] = ndcg_at_k(ranker.predict(valid.X), valid.y, valid.group, 20, ranker.label_gain)
-        report["valid_ndcg@20_retrieval"] = ndcg_at_k(-position, valid.y, valid.group, 20, ranker.label_gain)
-        report["beats_retrieval"] = bool(report["valid_ndcg@20_ranker"] > report["valid_ndcg@20_retrieval"])
+        report.update(_against_retrieval(ranker.predict(valid.X), valid, ranker.label_gain))
+    return ranker, _finish_report(ranker, report)
+
+
+def _against_retrieval(scores: np.ndarray, ts: TrainingSet, gain: list[float]) -> dict[str, Any]:
+    position = np.concatenate([np.arange(g) for g in ts.group]).astype(float)  # retrieval order
+    out = {"valid_ndcg@20_ranker": ndcg_at_k(scores, ts.y, ts.group, 20, gain),
+           "valid_ndcg@20_retrieval": ndcg_at_k(-position, ts.y, ts.group, 20, gain)}
+    out["beats_retrieval"] = bool(out["valid_ndcg@20_ranker"] > out["valid_ndcg@20_retrieval"])
+    return out
+
+
+def _finish_report(ranker: Ranker, report: dict[str, Any]) -> dict[str, Any]:
+    """Log the training report (and warn when the ranker does not beat the retrieval order); keep it on the ranker."""
     ranker.metrics_.update(report)
     logger.info("re-ranker: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()})
     if not report.get("beats_retrieval", True):
@@ -101,17 +121,77 @@ def fit_ranker(
             "held-out events (users with valid events) or a smaller ranking.num_leaves usually help",
             report["valid_groups"], report["valid_ndcg@20_ranker"], report["valid_ndcg@20_retrieval"],
             report["best_iteration"] or 0)
+    return report
+
+
+def _fit_cv(builder: FeatureBuilder, user_index: np.ndarray, candidates: np.ndarray, heldout_events: pd.DataFrame,
+            config: RankingConfig, order: np.ndarray, extra_train: Sequence[tuple[str, TrainingSet]],
+            learn_from_heldout: bool) -> tuple[Ranker, dict[str, Any]]:
+    """``config.cv_folds``-fold cross-validation over the users chooses the number of trees (the best iteration of
+    the fold-mean NDCG@20 curve); then one ranker learns from every user with that many trees. The report's
+    NDCG@20 is out-of-fold: each user scored by the fold model that did not learn from them, at the chosen count."""
+    k = config.cv_folds
+    fold_of_user = np.empty(len(user_index), dtype=np.int64)
+    fold_of_user[order] = np.arange(len(order)) % k
+    users_by_fold = [user_index[fold_of_user == f] for f in range(k)]
+    held = build_training_set(builder, user_index, candidates, heldout_events)
+    group_fold = pd.Series(fold_of_user, index=user_index).reindex(held.user_index).to_numpy()
+    curves, models = [], []
+    for f in range(k):
+        parts = [("heldout", _groups(held, group_fold != f))] if learn_from_heldout else []
+        parts += [(name, _without_users(ts, users_by_fold[f])) for name, ts in extra_train]
+        train, valid = _concat(parts, builder.names), _groups(held, group_fold == f)
+        if len(train.group) == 0 or len(valid.group) == 0:
+            continue
+        model = Ranker(config, builder.names).fit(train.X, train.y, train.group, eval_X=valid.X, eval_y=valid.y,
+                                                  eval_group=valid.group)
+        curves.append(model.eval_curve_ or [])
+        models.append((f, model))
+    everything = _concat(([("heldout", held)] if learn_from_heldout else []) + list(extra_train), builder.names)
+    if not models or len(everything.group) == 0:
+        raise DataError(
+            "no cross-validation fold has users with a held-out event among their retrieval candidates on both sides: "
+            "the ranker cannot learn; check the split (valid events after the train cut), raise "
+            "ranking.num_candidates or set ranking.cv_folds: 0"
+        )
+    length = min(len(c) for c in curves)
+    mean_curve = np.mean([c[:length] for c in curves], axis=0)
+    best = int(np.argmax(mean_curve)) + 1
+    oof = np.full(len(held.y), np.nan)
+    for f, model in models:
+        rows = np.repeat(group_fold == f, held.group)
+        oof[rows] = model.booster_.predict(np.asarray(held.X[rows], dtype=np.float32), num_iteration=best)
+    ranker = Ranker(config.model_copy(update={"n_estimators": best}), builder.names)
+    ranker.fit(everything.X, everything.y, everything.group)
+    ranker.config = config  # the configured settings travel with the bundle; the tree count is best_iteration
+    scored = np.repeat(np.isin(group_fold, [f for f, _ in models]), held.group)
+    report: dict[str, Any] = {
+        "train_rows": int(len(everything.X)),
+        "train_groups": int(len(everything.group)),
+        "valid_groups": int(np.isin(group_fold, [f for f, _ in models]).sum()),
+        "best_iteration": best,
+        "cv_folds": k,
+        "cv_best_iterations": [int(np.argmax(c)) + 1 for c in curves],
+    }
+    if extra_train or not learn_from_heldout:
+        report["train_groups_by_source"] = {name: int(len(ts.group)) for name, ts in
+                                            ([("heldout", held)] if learn_from_heldout else []) + list(extra_train)}
+    sub = _groups(held, np.isin(group_fold, [f for f, _ in models]))
+    report.update(_against_retrieval(oof[scored], sub, ranker.label_gain))
     return ranker, report
+
+
+def _groups(ts: TrainingSet, keep: np.ndarray) -> TrainingSet:
+    """The groups of ``ts`` where ``keep`` (one bool per group), with their rows."""
+    rows = np.repeat(keep, ts.group)
+    return TrainingSet(X=ts.X[rows], y=ts.y[rows], group=ts.group[keep], user_index=ts.user_index[keep],
+                       candidates=ts.candidates[keep], names=ts.names)
 
 
 def _without_users(ts: TrainingSet, users: np.ndarray) -> TrainingSet:
     """``ts`` without the groups of ``users`` (and their rows)."""
     keep = ~np.isin(ts.user_index, users)
-    if keep.all():
-        return ts
-    rows = np.repeat(keep, ts.group)
-    return TrainingSet(X=ts.X[rows], y=ts.y[rows], group=ts.group[keep], user_index=ts.user_index[keep],
-                       candidates=ts.candidates[keep], names=ts.names)
+    return ts if keep.all() else _groups(ts, keep)
 
 
 def _concat(parts: list[tuple[str, TrainingSet]], names: tuple[str, ...]) -> TrainingSet:

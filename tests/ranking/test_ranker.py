@@ -165,7 +165,7 @@ def test_fit_ranker_learns_from_extra_sets_without_the_early_stopping_users(trai
     t = trained
     users = np.arange(t.ctx.num_users * 8 // 10)
     extra = build_training_set(t.builder, users, t.candidates[users], t.world.test_events)
-    cfg = small_config()
+    cfg = small_config().model_copy(update={"cv_folds": 0})  # early stopping on a held-out share of the users
     _, base = fit_ranker(t.builder, users, t.candidates[users], t.world.test_events, config=cfg, valid_fraction=0.25)
     order = np.random.default_rng(cfg.seed).permutation(len(users))  # fit_ranker's own user split
     es_users = users[order[: int(round(len(users) * 0.25))]]
@@ -181,6 +181,37 @@ def test_fit_ranker_learns_from_extra_sets_without_the_early_stopping_users(trai
                          extra_train=[("fold", extra)])
     assert both["train_groups_by_source"] == {"heldout": base["train_groups"], "fold": outside}
     assert both["train_groups"] == base["train_groups"] + outside
+    # cross-validated (the default): each fold model leaves its fold's users out of the extra set, the final
+    # ranker learns from all of it
+    _, cv = fit_ranker(t.builder, users, t.candidates[users], t.world.test_events,
+                       config=cfg.model_copy(update={"cv_folds": 3}), extra_train=[("fold", extra)],
+                       learn_from_heldout=False)
+    assert cv["train_groups_by_source"] == {"fold": len(extra.group)} == {"fold": cv["valid_groups"]}
     with pytest.raises(ValueError, match="other feature columns"):
         fit_ranker(t.builder, users, t.candidates[users], t.world.test_events, config=cfg,
                    extra_train=[("fold", extra.__class__(**{**extra.__dict__, "names": extra.names[:-1]}))])
+
+
+def test_cross_validated_tree_count_learns_from_every_user(trained):
+    # ranking.cv_folds: the folds' mean NDCG@20 curve picks the tree count, then one ranker learns from all users;
+    # the report is out-of-fold over every user with a held-out item among the candidates
+    from ranking.ranker import build_training_set
+    from ranking.train import fit_ranker
+
+    t = trained
+    users = np.arange(t.ctx.num_users * 8 // 10)
+    cfg = small_config().model_copy(update={"cv_folds": 4})
+    ranker, report = fit_ranker(t.builder, users, t.candidates[users], t.world.test_events, config=cfg)
+    every = build_training_set(t.builder, users, t.candidates[users], t.world.test_events)
+    assert report["train_groups"] == report["valid_groups"] == len(every.group)  # all users, both roles
+    assert report["cv_folds"] == 4 and len(report["cv_best_iterations"]) == 4
+    assert ranker.best_iteration_ == report["best_iteration"] == ranker.booster_.current_iteration()
+    assert 1 <= report["best_iteration"] <= cfg.n_estimators and ranker.config.n_estimators == cfg.n_estimators
+    assert report["valid_ndcg@20_ranker"] > report["valid_ndcg@20_retrieval"] and report["beats_retrieval"]
+    # the out-of-fold score is honest: below the in-sample NDCG of the final ranker on the same users
+    from ranking.ranker import ndcg_at_k
+
+    assert report["valid_ndcg@20_ranker"] < ndcg_at_k(ranker.predict(every.X), every.y, every.group, 20, ranker.label_gain)
+    again, report2 = fit_ranker(t.builder, users, t.candidates[users], t.world.test_events, config=cfg)
+    assert report2 == report  # seeded
+    np.testing.assert_array_equal(again.predict(every.X[:200]), ranker.predict(every.X[:200]))
