@@ -66,9 +66,12 @@ def fit_ranker(
         if tuple(ts.names) != tuple(builder.names):
             raise ValueError(f"training set {name!r} has other feature columns than the builder")
     if config.cv_folds >= 2:
-        ranker, report = _fit_cv(builder, user_index, candidates, heldout_events, config, order, extra_train,
-                                 learn_from_heldout)
-        return ranker, _finish_report(ranker, report)
+        held = build_training_set(builder, user_index, candidates, heldout_events)
+        if len(held.group) >= config.cv_folds:
+            ranker, report = _fit_cv(held, builder, user_index, config, order, extra_train, learn_from_heldout)
+            return ranker, _finish_report(ranker, report)
+        logger.info("%d users with a held-out event among their candidates, fewer than ranking.cv_folds (%d): "
+                    "early stopping on a share of them instead", len(held.group), config.cv_folds)
     n_valid = max(1, int(round(len(order) * valid_fraction)))
     va, tr = order[:n_valid], order[n_valid:]
     valid = build_training_set(builder, user_index[va], candidates[va], heldout_events)
@@ -102,9 +105,11 @@ def fit_ranker(
     return ranker, _finish_report(ranker, report)
 
 
-def _against_retrieval(scores: np.ndarray, ts: TrainingSet, gain: list[float]) -> dict[str, Any]:
+def _against_retrieval(scores: np.ndarray | float, ts: TrainingSet, gain: list[float]) -> dict[str, Any]:
+    """The ranker's NDCG@20 (``scores`` per row, or the value itself) against the retrieval order's on ``ts``."""
     position = np.concatenate([np.arange(g) for g in ts.group]).astype(float)  # retrieval order
-    out = {"valid_ndcg@20_ranker": ndcg_at_k(scores, ts.y, ts.group, 20, gain),
+    out = {"valid_ndcg@20_ranker": (ndcg_at_k(scores, ts.y, ts.group, 20, gain) if isinstance(scores, np.ndarray)
+                                    else float(scores)),
            "valid_ndcg@20_retrieval": ndcg_at_k(-position, ts.y, ts.group, 20, gain)}
     out["beats_retrieval"] = bool(out["valid_ndcg@20_ranker"] > out["valid_ndcg@20_retrieval"])
     return out
@@ -124,60 +129,61 @@ def _finish_report(ranker: Ranker, report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-def _fit_cv(builder: FeatureBuilder, user_index: np.ndarray, candidates: np.ndarray, heldout_events: pd.DataFrame,
-            config: RankingConfig, order: np.ndarray, extra_train: Sequence[tuple[str, TrainingSet]],
+def _fit_cv(held: TrainingSet, builder: FeatureBuilder, user_index: np.ndarray, config: RankingConfig,
+            order: np.ndarray, extra_train: Sequence[tuple[str, TrainingSet]],
             learn_from_heldout: bool) -> tuple[Ranker, dict[str, Any]]:
     """``config.cv_folds``-fold cross-validation over the users chooses the number of trees (the best iteration of
-    the fold-mean NDCG@20 curve); then one ranker learns from every user with that many trees. The report's
-    NDCG@20 is out-of-fold: each user scored by the fold model that did not learn from them, at the chosen count."""
+    the fold-mean NDCG@20 curve); then one ranker learns from every user with that many trees. ``held``: the
+    held-out groups of ``user_index``. The report's ranker NDCG@20 is the folds' own evaluation at the chosen count,
+    pooled over their users (each user scored by the fold model that did not learn from them)."""
     k = config.cv_folds
-    fold_of_user = np.empty(len(user_index), dtype=np.int64)
-    fold_of_user[order] = np.arange(len(order)) % k
-    users_by_fold = [user_index[fold_of_user == f] for f in range(k)]
-    held = build_training_set(builder, user_index, candidates, heldout_events)
-    group_fold = pd.Series(fold_of_user, index=user_index).reindex(held.user_index).to_numpy()
-    curves, models = [], []
+    fold_at = np.empty(len(user_index), dtype=np.int64)
+    fold_at[order] = np.arange(len(order)) % k
+    fold_of = dict(zip(user_index[::-1].tolist(), fold_at[::-1].tolist()))  # a repeated user: its first fold
+    group_fold = np.array([fold_of[u] for u in held.user_index.tolist()], dtype=np.int64)
+    curves, sizes, used = [], [], []
     for f in range(k):
         parts = [("heldout", _groups(held, group_fold != f))] if learn_from_heldout else []
-        parts += [(name, _without_users(ts, users_by_fold[f])) for name, ts in extra_train]
+        fold_users = np.array([u for u, g in fold_of.items() if g == f], dtype=np.int64)
+        parts += [(name, _without_users(ts, fold_users)) for name, ts in extra_train]
         train, valid = _concat(parts, builder.names), _groups(held, group_fold == f)
         if len(train.group) == 0 or len(valid.group) == 0:
             continue
         model = Ranker(config, builder.names).fit(train.X, train.y, train.group, eval_X=valid.X, eval_y=valid.y,
                                                   eval_group=valid.group)
-        curves.append(model.eval_curve_ or [])
-        models.append((f, model))
+        if model.eval_curve_:
+            curves.append(model.eval_curve_)
+            sizes.append(len(valid.group))
+            used.append(f)
     everything = _concat(([("heldout", held)] if learn_from_heldout else []) + list(extra_train), builder.names)
-    if not models or len(everything.group) == 0:
+    if not curves or len(everything.group) == 0:
         raise DataError(
             "no cross-validation fold has users with a held-out event among their retrieval candidates on both sides: "
             "the ranker cannot learn; check the split (valid events after the train cut), raise "
             "ranking.num_candidates or set ranking.cv_folds: 0"
         )
+    # every fold ran at least early_stopping_rounds past its own best: the common length covers the choice
     length = min(len(c) for c in curves)
-    mean_curve = np.mean([c[:length] for c in curves], axis=0)
-    best = int(np.argmax(mean_curve)) + 1
-    oof = np.full(len(held.y), np.nan)
-    for f, model in models:
-        rows = np.repeat(group_fold == f, held.group)
-        oof[rows] = model.booster_.predict(np.asarray(held.X[rows], dtype=np.float32), num_iteration=best)
+    per_fold = np.array([c[:length] for c in curves])
+    best = int(np.argmax(per_fold.mean(axis=0))) + 1
     ranker = Ranker(config.model_copy(update={"n_estimators": best}), builder.names)
     ranker.fit(everything.X, everything.y, everything.group)
     ranker.config = config  # the configured settings travel with the bundle; the tree count is best_iteration
-    scored = np.repeat(np.isin(group_fold, [f for f, _ in models]), held.group)
+    scored = _groups(held, np.isin(group_fold, used))
     report: dict[str, Any] = {
         "train_rows": int(len(everything.X)),
         "train_groups": int(len(everything.group)),
-        "valid_groups": int(np.isin(group_fold, [f for f, _ in models]).sum()),
-        "best_iteration": best,
+        "valid_groups": int(len(scored.group)),
+        "best_iteration": int(ranker.best_iteration_ or best),
         "cv_folds": k,
         "cv_best_iterations": [int(np.argmax(c)) + 1 for c in curves],
     }
     if extra_train or not learn_from_heldout:
         report["train_groups_by_source"] = {name: int(len(ts.group)) for name, ts in
                                             ([("heldout", held)] if learn_from_heldout else []) + list(extra_train)}
-    sub = _groups(held, np.isin(group_fold, [f for f, _ in models]))
-    report.update(_against_retrieval(oof[scored], sub, ranker.label_gain))
+    # LightGBM's NDCG@20 of each fold at the chosen count, weighted by the fold's users: the pooled mean
+    report.update(_against_retrieval(float(np.average(per_fold[:, best - 1], weights=sizes)), scored,
+                                     ranker.label_gain))
     return ranker, report
 
 

@@ -208,10 +208,32 @@ def test_cross_validated_tree_count_learns_from_every_user(trained):
     assert ranker.best_iteration_ == report["best_iteration"] == ranker.booster_.current_iteration()
     assert 1 <= report["best_iteration"] <= cfg.n_estimators and ranker.config.n_estimators == cfg.n_estimators
     assert report["valid_ndcg@20_ranker"] > report["valid_ndcg@20_retrieval"] and report["beats_retrieval"]
-    # the out-of-fold score is honest: below the in-sample NDCG of the final ranker on the same users
+    # the reported score is out-of-fold AT the chosen count: refit each fold's ranker with exactly that many trees
+    # (no early stopping) and score its own users
     from ranking.ranker import ndcg_at_k
 
-    assert report["valid_ndcg@20_ranker"] < ndcg_at_k(ranker.predict(every.X), every.y, every.group, 20, ranker.label_gain)
+    order = np.random.default_rng(cfg.seed).permutation(len(users))
+    fold = np.empty(len(users), dtype=np.int64)
+    fold[order] = np.arange(len(users)) % 4
+    group_fold = fold[np.searchsorted(users, every.user_index)]
+    scores = np.empty(len(every.y))
+    fixed = cfg.model_copy(update={"n_estimators": report["best_iteration"]})
+    for f in range(4):
+        tr, te = np.repeat(group_fold != f, every.group), np.repeat(group_fold == f, every.group)
+        m = Ranker(fixed, every.names).fit(every.X[tr], every.y[tr], every.group[group_fold != f])
+        scores[te] = m.predict(every.X[te])
+    assert report["valid_ndcg@20_ranker"] == pytest.approx(
+        ndcg_at_k(scores, every.y, every.group, 20, ranker.label_gain), abs=1e-6)
     again, report2 = fit_ranker(t.builder, users, t.candidates[users], t.world.test_events, config=cfg)
     assert report2 == report  # seeded
     np.testing.assert_array_equal(again.predict(every.X[:200]), ranker.predict(every.X[:200]))
+    # a user listed twice keeps one fold (the first); fewer users with a hit than folds: early stopping on a share
+    twice = np.r_[users, users[:5]]
+    _, rep_twice = fit_ranker(t.builder, twice, t.candidates[twice], t.world.test_events, config=cfg)
+    n_twice = len(build_training_set(t.builder, twice, t.candidates[twice], t.world.test_events).group)
+    assert rep_twice["cv_folds"] == 4 and rep_twice["valid_groups"] == n_twice > len(every.group)
+    few = users[:40]
+    n_hit = len(build_training_set(t.builder, few, t.candidates[few], t.world.test_events).group)
+    _, rep_few = fit_ranker(t.builder, few, t.candidates[few], t.world.test_events,
+                            config=cfg.model_copy(update={"cv_folds": n_hit + 1}))
+    assert "cv_folds" not in rep_few and rep_few["train_groups"] + rep_few["valid_groups"] == n_hit
