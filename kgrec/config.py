@@ -106,14 +106,14 @@ class RankingConfig(_Section):
     n_estimators: int = 300
     learning_rate: float = 0.05
     num_leaves: int = 7  # small trees: the ranker often learns from few labels (a few hundred users' valid
-    # events); over three demo catalogs its test Recall@20 is 1.32x the GNN order's with 7 leaves, 1.14x with 31
+    # events); over three demo catalogs its test Recall@20 is 1.36x the GNN order's with 7 leaves, 1.18x with 31
     # (benchmarks/bench_ranker_leaves.py)
     early_stopping_rounds: int = 30
     cv_folds: int = Field(default=5, ge=0)  # >= 2: the tree count is chosen by cross-validation over the users
     # (the fold-mean NDCG@20 curve's best iteration), then one ranker learns from every user; 0 or 1: early stopping
     # on 20% of the users, the ranker learns from the other 80% (the earlier default). On five fresh demo catalogs
     # the test (Recall@20 + NDCG@20) ratio to the GNN order is 1.318 with 5 folds vs 1.294 (ml-100k: 0.4059 vs
-    # 0.4073 Recall@20); the stopping point no longer rests on ~45 users (benchmarks/bench_ranker_cv.py)
+    # 0.4073 Recall@20); the stopping point no longer rests on ~46 users (benchmarks/bench_ranker_cv.py)
     label_gain: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0])
     explain_max_paths: int = 3
     seed: int = 2020
