@@ -15,44 +15,20 @@ Writes ``benchmarks/results/ranker_cv.json`` and prints a table.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import tempfile
 import time
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_ranker_labels import demo_dataset, run, table
+from benchmarks.bench_ranker_labels import arguments, collect, write
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = (0, 5)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="3,4,5,6,7", help="demo-catalog seeds, comma-separated ('' for none)")
-    ap.add_argument("--items", type=int, default=1000)
-    ap.add_argument("--users", type=int, default=300)
-    ap.add_argument("--ml100k", type=Path, default=None, help="RecBole atomic files of ml-100k (ingested here)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    a = ap.parse_args()
-    rows: list[dict[str, Any]] = []
+    a = arguments(__doc__, "3,4,5,6,7")
     t0 = time.perf_counter()
     key = "cv_folds"
-    with tempfile.TemporaryDirectory(prefix="kgrec-cv-") as tmp:
-        work = Path(tmp)
-        for s in (int(x) for x in a.seeds.split(",") if x.strip()):
-            rows += run(f"demo {s}", *demo_dataset(s, a.items, a.users, work), key=key, variants=SETTINGS)
-            print(table(rows[-len(SETTINGS):], key), flush=True)
-        if a.ml100k is not None:
-            from kgrec.data.ingest import ingest
-
-            ingest(a.ml100k, work / "ml100k", progress=False)
-            rows += run("ml-100k", work / "ml100k", None, key=key, variants=SETTINGS)
-    print(table(rows, key))
+    rows = collect(a, key, SETTINGS)
     summary = {}
     for v in SETTINGS:
         mine = [r for r in rows if r[key] == v and r["gnn+ranker"] and r["dataset"].startswith("demo")]
@@ -64,12 +40,7 @@ def main() -> None:
                            "demo_mean_ranker_fit_s": float(np.mean([r["ranker_fit_s"] for r in mine]))}
         print(f"cv_folds {v}: demo catalogs' mean test ratio to the GNN order ((R@20 + N@20) / 2) "
               f"{summary[str(v)]['demo_mean_ratio']:.3f}; ranker fit {summary[str(v)]['demo_mean_ranker_fit_s']:.2f} s")
-    a.out.mkdir(parents=True, exist_ok=True)
-    args = f"--seeds {a.seeds}" + (f" --ml100k {a.ml100k}" if a.ml100k else "")
-    out = {"command": f"python -m benchmarks.bench_ranker_cv {args}", "machine": platform.platform(),
-           "wall_s": round(time.perf_counter() - t0, 1), "rows": rows, "summary": summary}
-    (a.out / "ranker_cv.json").write_text(json.dumps(out, indent=2, default=float), encoding="utf-8")
-    print(f"wrote {a.out / 'ranker_cv.json'} ({out['wall_s']} s)")
+    write(a, "ranker_cv", rows, summary, t0)
 
 
 if __name__ == "__main__":

@@ -91,27 +91,48 @@ def table(rows: list[dict[str, Any]], key: str = "label_source") -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="0,1,2", help="demo-catalog seeds, comma-separated ('' for none)")
+def arguments(doc: str, seeds: str) -> argparse.Namespace:
+    """The command line both ranker benchmarks take (demo seeds, catalog size, ml-100k files, output folder)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--seeds", default=seeds, help="demo-catalog seeds, comma-separated ('' for none)")
     ap.add_argument("--items", type=int, default=1000)
     ap.add_argument("--users", type=int, default=300)
     ap.add_argument("--ml100k", type=Path, default=None, help="RecBole atomic files of ml-100k (ingested here)")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def collect(a: argparse.Namespace, key: str, variants: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """``run`` on every demo seed of ``a`` (each printed as it finishes) and on ml-100k when given."""
     rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="kgrec-labels-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="kgrec-ranker-") as tmp:
         work = Path(tmp)
         for s in (int(x) for x in a.seeds.split(",") if x.strip()):
-            rows += run(f"demo {s}", *demo_dataset(s, a.items, a.users, work))
-            print(table(rows[-len(SOURCES):]), flush=True)
+            rows += run(f"demo {s}", *demo_dataset(s, a.items, a.users, work), key=key, variants=variants)
+            print(table(rows[-len(variants):], key), flush=True)
         if a.ml100k is not None:
             from kgrec.data.ingest import ingest
 
             ingest(a.ml100k, work / "ml100k", progress=False)
-            rows += run("ml-100k", work / "ml100k", None)
-    print(table(rows))
+            rows += run("ml-100k", work / "ml100k", None, key=key, variants=variants)
+    print(table(rows, key))
+    return rows
+
+
+def write(a: argparse.Namespace, name: str, rows: list[dict[str, Any]], summary: dict[str, Any], t0: float) -> None:
+    """``benchmarks/results/<name>.json``: command, machine, wall time, rows and summary."""
+    a.out.mkdir(parents=True, exist_ok=True)
+    args = f"--seeds {a.seeds}" + (f" --ml100k {a.ml100k}" if a.ml100k else "")
+    out = {"command": f"python -m benchmarks.bench_{name} {args}", "machine": platform.platform(),
+           "wall_s": round(time.perf_counter() - t0, 1), "rows": rows, "summary": summary}
+    (a.out / f"{name}.json").write_text(json.dumps(out, indent=2, default=float), encoding="utf-8")
+    print(f"wrote {a.out / (name + '.json')} ({out['wall_s']} s)")
+
+
+def main() -> None:
+    a = arguments(__doc__, "0,1,2")
+    t0 = time.perf_counter()
+    rows = collect(a, "label_source", SOURCES)
     summary = {}
     for src in SOURCES:
         mine = [r for r in rows if r["label_source"] == src and r["gnn+ranker"]]
@@ -122,12 +143,7 @@ def main() -> None:
         }
         print(f"{src}: mean test ranker / GNN Recall@20 {summary[src]['mean_ratio_recall@20']:.3f}, NDCG@20 "
               f"{summary[src]['mean_ratio_ndcg@20']:.3f}; mean valid NDCG@20 gain {summary[src]['mean_valid_gain']:+.4f}")
-    a.out.mkdir(parents=True, exist_ok=True)
-    args = f"--seeds {a.seeds}" + (f" --ml100k {a.ml100k}" if a.ml100k else "")
-    out = {"command": f"python -m benchmarks.bench_ranker_labels {args}", "machine": platform.platform(),
-           "wall_s": round(time.perf_counter() - t0, 1), "rows": rows, "summary": summary}
-    (a.out / "ranker_labels.json").write_text(json.dumps(out, indent=2, default=float), encoding="utf-8")
-    print(f"wrote {a.out / 'ranker_labels.json'} ({out['wall_s']} s)")
+    write(a, "ranker_labels", rows, summary, t0)
 
 
 if __name__ == "__main__":
