@@ -10,7 +10,8 @@
 3. **encode** every item (BERT text, CLIP image and CLIP text; cached by content hash);
 4. **GNN + fusion** on the train pairs and the KG relations, early-stopped on valid NDCG@20;
 5. **ranker**: LightGBM LambdaRank on the GNN's top candidates of each user, labelled by the user's valid events
-   (graded purchase > cart > click > view), features computed from train-only interactions (no leakage); with
+   (graded purchase > cart > click > view), features computed from train-only interactions (no leakage), its tree
+   count chosen by cross-validation over those users (``ranking.cv_folds``); with
    ``ranking.label_source`` "fold" / "valid+fold" it also (or instead) learns from a held-out fold of train, with a
    GNN refitted on the rest of train (``fold_holdout``);
 6. **evaluate** on test (history = train + valid masked): popularity, EASE, GNN retrieval, GNN + ranker.
