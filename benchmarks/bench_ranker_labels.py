@@ -26,23 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.bench_ranker_leaves import demo_dataset
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SOURCES = ("valid", "fold", "valid+fold")
-
-
-def demo_dataset(seed: int, items: int, users: int, work: Path) -> tuple[Path, str]:
-    """The demo catalog of ``seed`` ingested, and its fit-clip checkpoint."""
-    from encoders.fit_clip import fit_clip
-    from kgrec.config import Config
-    from kgrec.data.ingest import ingest
-    from kgrec.data.schema import Dataset
-    from kgrec.data.synthetic import generate_catalog
-
-    raw, ds_dir = work / f"raw{seed}", work / f"dataset{seed}"
-    generate_catalog(raw, n_items=items, n_users=users, seed=seed, images=True, progress=False)
-    ingest(raw, ds_dir, config=Config().data, progress=False)
-    fit_clip(Dataset.open(ds_dir), work / f"clip{seed}")
-    return ds_dir, str(work / f"clip{seed}")
 
 
 def run(name: str, ds_dir: Path, clip: str | None, key: str = "label_source",

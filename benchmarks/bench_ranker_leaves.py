@@ -27,23 +27,35 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_seed(seed: int, leaves: list[int], items: int, users: int, fit_clip: bool, work: Path) -> list[dict[str, Any]]:
+def demo_dataset(seed: int, items: int, users: int, work: Path, fit_clip: bool = True) -> tuple[Path, str | None]:
+    """The demo catalog of ``seed`` generated and ingested under ``work``, and its fit-clip checkpoint (None
+    without ``fit_clip``): what the ranker benchmarks fit on."""
     from kgrec.config import Config
     from kgrec.data.ingest import ingest
     from kgrec.data.schema import Dataset
     from kgrec.data.synthetic import generate_catalog
-    from kgrec.pipeline import Recommender
 
     raw, ds_dir = work / f"raw{seed}", work / f"dataset{seed}"
-    cfg = Config()
     generate_catalog(raw, n_items=items, n_users=users, seed=seed, images=True, progress=False)
-    ingest(raw, ds_dir, config=cfg.data, progress=False)
-    ds = Dataset.open(ds_dir)
-    if fit_clip:
-        from encoders.fit_clip import fit_clip as fit
+    ingest(raw, ds_dir, config=Config().data, progress=False)
+    if not fit_clip:
+        return ds_dir, None
+    from encoders.fit_clip import fit_clip as fit
 
-        fit(ds, work / f"clip{seed}")
-        cfg.encoders.clip_checkpoint = str(work / f"clip{seed}")
+    fit(Dataset.open(ds_dir), work / f"clip{seed}")
+    return ds_dir, str(work / f"clip{seed}")
+
+
+def run_seed(seed: int, leaves: list[int], items: int, users: int, fit_clip: bool, work: Path) -> list[dict[str, Any]]:
+    from kgrec.config import Config
+    from kgrec.data.schema import Dataset
+    from kgrec.pipeline import Recommender
+
+    ds_dir, clip = demo_dataset(seed, items, users, work, fit_clip)
+    ds = Dataset.open(ds_dir)
+    cfg = Config()
+    if clip:
+        cfg.encoders.clip_checkpoint = clip
     cfg.ranking.num_leaves = leaves[0]
     t0 = time.perf_counter()
     rec = Recommender.fit(ds_dir, cfg)

@@ -101,15 +101,15 @@ def fit_ranker(
     if extra_train or not learn_from_heldout:
         report["train_groups_by_source"] = {name: int(len(ts.group)) for name, ts in parts}
     if len(valid.group):
-        report.update(_against_retrieval(ranker.predict(valid.X), valid, ranker.label_gain))
+        report.update(_against_retrieval(ndcg_at_k(ranker.predict(valid.X), valid.y, valid.group, 20, ranker.label_gain),
+                                         valid, ranker.label_gain))
     return ranker, _finish_report(ranker, report)
 
 
-def _against_retrieval(scores: np.ndarray | float, ts: TrainingSet, gain: list[float]) -> dict[str, Any]:
-    """The ranker's NDCG@20 (``scores`` per row, or the value itself) against the retrieval order's on ``ts``."""
+def _against_retrieval(ranker_ndcg: float, ts: TrainingSet, gain: list[float]) -> dict[str, Any]:
+    """The ranker's NDCG@20 next to the retrieval order's on the groups of ``ts``."""
     position = np.concatenate([np.arange(g) for g in ts.group]).astype(float)  # retrieval order
-    out = {"valid_ndcg@20_ranker": (ndcg_at_k(scores, ts.y, ts.group, 20, gain) if isinstance(scores, np.ndarray)
-                                    else float(scores)),
+    out = {"valid_ndcg@20_ranker": float(ranker_ndcg),
            "valid_ndcg@20_retrieval": ndcg_at_k(-position, ts.y, ts.group, 20, gain)}
     out["beats_retrieval"] = bool(out["valid_ndcg@20_ranker"] > out["valid_ndcg@20_retrieval"])
     return out
