@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kgrec.errors import ConfigError
 
@@ -141,6 +141,30 @@ class RankingConfig(_Section):
     # user's valid pairs after their train pairs, as in the split fit makes itself), random otherwise
     fold_share: float | None = Field(default=None, gt=0.0, lt=1.0)  # share of each user's train pairs held out
     # (None: valid's share of train + valid, so the fold looks like the valid split)
+    exclude_features: list[str] = Field(default_factory=list)  # default columns a new ranker leaves out
+    extra_features: list[str] = Field(default_factory=list)  # opt-in columns it adds (ranking.features.
+    # OPTIONAL_FEATURES: gnn_dot_z, user_activity, co_buyer_cosine, days_user_to_item_activity,
+    # item_events_near_user_time; together they lowered test accuracy on five demo catalogs and left ml-100k flat,
+    # benchmarks/bench_ranker_features.py). A saved ranker keeps the names it learned from; serving builds those.
+
+    @field_validator("exclude_features", "extra_features")
+    @classmethod
+    def _known_features(cls, v: list[str], info: Any) -> list[str]:
+        from ranking.features import ranker_feature_names
+
+        # unknown names, or every column left out: a clear error when the config is read
+        if info.field_name == "exclude_features":
+            ranker_feature_names(exclude=v)
+        else:
+            ranker_feature_names(extra=v)
+        return v
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The columns a ranker trained with this config learns from."""
+        from ranking.features import ranker_feature_names
+
+        return ranker_feature_names(self.exclude_features, self.extra_features)
 
 
 class ServeConfig(_Section):

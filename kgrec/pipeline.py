@@ -611,7 +611,7 @@ class Recommender:
         and 6); replaces the ranker, its training report and the test metrics. Returns the two stages' seconds.
         ``ev_split``: the events' split codes when the caller already has them (``event_split_codes``)."""
         tr, va, te = (pairs[pairs["split"] == c] for c in (0, 1, 2))
-        self.ranker, self._explainer = None, None
+        self.ranker, self._explainer, self._builder = None, None, None
         self.metrics.pop("ranker_training", None)
         self.metrics.pop("test", None)
         t0 = time.perf_counter()
@@ -692,7 +692,7 @@ class Recommender:
             fold, fold_report = self._fold_inputs(events, ev_split, pairs)
         try:
             if len(users):
-                builder = FeatureBuilder(self._context_for(events[ev_split == 0]))
+                builder = FeatureBuilder(self._context_for(events[ev_split == 0]), cfg.feature_names)
                 train_csr = _to_csr(tr["u"], tr["i"], (len(self.user_ids), len(self.item_ids)))
                 cand = self._candidates(users, train_csr, min(cfg.num_candidates, len(self.item_ids)))
                 extra = [] if fold is None else [("fold", build_training_set(*fold))]
@@ -758,7 +758,7 @@ class Recommender:
             add_ease_term(model, held, cfg.fusion, setting=(self.model.ease_lambda, 1.0 if rel is None else rel))
             if rel is None:  # a model saved before the relative weight was kept: its absolute weight
                 model.hybrid_weight = self.model.hybrid_weight
-        builder = FeatureBuilder(self._context_for(rest_events, model))
+        builder = FeatureBuilder(self._context_for(rest_events, model), cfg.ranking.feature_names)
         users = np.unique(tr.loc[hold, "u"].to_numpy())
         rest_csr = _to_csr(rest["u"], rest["i"], (n_u, n_i))
         cand = self._candidates(users, rest_csr, min(cfg.ranking.num_candidates, n_i), model=model)
@@ -793,7 +793,7 @@ class Recommender:
         rows["gnn"] = evaluate(lambda u: self.model.score_all(u), test, seen, KS)
         if self.ranker is not None:
             ctx = self._context_for(history_events)
-            builder = FeatureBuilder(ctx)
+            builder = FeatureBuilder(ctx, self.ranker.feature_names)
             users = np.flatnonzero(np.diff(test.indptr) > 0)
             c = min(self.config.ranking.num_candidates, len(self.item_ids))
             cand = self._candidates(users, seen, c)
@@ -850,7 +850,7 @@ class Recommender:
         if self._builder is None or self._builder.ctx is not ctx:
             from ranking.features import FeatureBuilder
 
-            self._builder = FeatureBuilder(ctx)
+            self._builder = FeatureBuilder(ctx, None if self.ranker is None else self.ranker.feature_names)
         return self._builder
 
     def has_history(self, user_id: str) -> bool:
@@ -1795,14 +1795,15 @@ class Recommender:
         model = TrainedModel.load(root / "fusion")
         ranker = None
         if info.has("ranker"):
-            from ranking.features import FEATURE_NAMES
+            from ranking.features import FEATURE_NAMES, check_feature_names
             from ranking.ranker import Ranker
 
             ranker = Ranker.load(root / "ranker")
-            if tuple(ranker.feature_names) != tuple(FEATURE_NAMES):
-                # serving builds FEATURE_NAMES columns: another order would be read as other features, silently
+            try:  # serving builds the ranker's own columns, by name and in its order
+                check_feature_names(ranker.feature_names)
+            except ValueError:
                 raise BundleError(f"{root / 'ranker'} was trained on features {list(ranker.feature_names)}; this "
-                                  f"version builds {list(FEATURE_NAMES)}; retrain it (`kgrec train`)")
+                                  f"version builds {list(FEATURE_NAMES)}; retrain it (`kgrec train`)") from None
         graph = json.loads((root / "graph" / "graph.json").read_text(encoding="utf-8"))
         if graph["backend"] == "embedded":
             from kg.embedded_store import EmbeddedStore

@@ -72,6 +72,10 @@ class RankingContext:
         item_price: (I,) float64, NaN where unknown.
         item_popularity: (I,) float64, log1p of the number of interactions of any type.
         item_last_event: (I,) float64 seconds since the epoch of the item's last event, NaN if none.
+        item_median_event: (I,) float64 seconds since the epoch of the median time of the item's events, NaN if none.
+        user_last_event: (U,) float64 seconds since the epoch of the user's last event, NaN if none.
+        item_event_times: ``(indptr (I + 1,), seconds (n,))`` int64: every event's time, grouped by item and sorted
+            within each item (``seconds[indptr[i]:indptr[i + 1]]`` are item ``i``'s), or None without timestamps.
         item_brand, item_category, item_attribute, item_entity: (I, Nb|Nc|A|E) CSR relationship counts
             (MADE_BY, IN_CATEGORY, HAS_ATTRIBUTE, LINKED_TO).
         also_bought: (I, I) CSR, ALSO_BOUGHT relationships in either direction, zero diagonal.
@@ -101,6 +105,9 @@ class RankingContext:
     item_price: np.ndarray | None = None
     item_popularity: np.ndarray | None = None
     item_last_event: np.ndarray | None = None
+    item_median_event: np.ndarray | None = None
+    user_last_event: np.ndarray | None = None
+    item_event_times: tuple[np.ndarray, np.ndarray] | None = None
     item_titles: list[str] | None = None
     item_images: list[str | None] | None = None
     # Optional (user_index (n,), candidates (n, C)) -> (n, C) scores that replace the plain dot product as the
@@ -131,6 +138,10 @@ class RankingContext:
             self.item_popularity = np.log1p(np.asarray(total.sum(axis=0)).ravel().astype(np.float64))
         if self.item_last_event is None:
             self.item_last_event = np.full(n_items, np.nan)
+        if self.item_median_event is None:
+            self.item_median_event = np.full(n_items, np.nan)
+        if self.user_last_event is None:
+            self.user_last_event = np.full(n_users, np.nan)
         if self.item_titles is None:
             self.item_titles = list(self.item_ids)
         if self.item_images is None:
@@ -159,6 +170,17 @@ class RankingContext:
         any_bin.data = np.ones_like(any_bin.data)
         self.touched: sp.csr_matrix = any_bin
         self.item_vectors_unit = _normalise_rows(self.item_vectors)
+        # Mean and covariance of the item vectors: a user's GNN dot products over all items have mean u.mu and
+        # variance u' S u, so a pair's standard score needs no pass over the catalog (the gnn_dot_z feature).
+        iv = self.item_vectors.astype(np.float64)
+        self.item_vector_mean = iv.mean(axis=0) if len(iv) else np.zeros(iv.shape[1])
+        centred = iv - self.item_vector_mean
+        self.item_vector_cov = centred.T @ centred / max(len(iv), 1)
+        # Distinct items each user touched (any event type): how much the user's vector and history rest on.
+        self.user_activity = np.log1p(np.diff(self.touched.indptr).astype(np.float64))
+        # Items per user's purchase/cart/rating history (binary) and the item degrees for the item-kNN cosine.
+        self.history_t: sp.csr_matrix = self.history.T.tocsr()  # (I, U)
+        self.item_history_norm = np.sqrt(np.diff(self.history_t.indptr).astype(np.float64))  # sqrt(users per item)
         # Per-user median price of bought/carted/rated items (NaN without priced history).
         self.user_median_price = np.full(len(self.user_ids), np.nan)
         price = self.item_price
@@ -303,6 +325,9 @@ class RankingContext:
 
         last_interaction = None
         item_last = np.full(n_items, np.nan)
+        item_median = np.full(n_items, np.nan)
+        user_last = np.full(n_users, np.nan)
+        event_times = None
         ref: float | None = None
         if events is not None and len(events):
             ts = pd.to_datetime(events["timestamp"], utc=True)
@@ -316,6 +341,14 @@ class RankingContext:
             last_interaction = sp.csr_matrix((last.to_numpy(), (ui[:, 0], ui[:, 1])), shape=(n_users, n_items))
             per_item = df.groupby("i")["t"].max()
             item_last[per_item.index.to_numpy()] = per_item.to_numpy()
+            med = df.groupby("i")["t"].median()
+            item_median[med.index.to_numpy()] = med.to_numpy()
+            per_user = df.groupby("u")["t"].max()
+            user_last[per_user.index.to_numpy()] = per_user.to_numpy()
+            order = np.lexsort((df["t"].to_numpy(), df["i"].to_numpy()))
+            counts = np.bincount(df["i"].to_numpy(), minlength=n_items)
+            event_times = (np.r_[0, np.cumsum(counts)].astype(np.int64),
+                           np.floor(df["t"].to_numpy()[order]).astype(np.int64))
             ref = float(df["t"].max()) if len(df) else None
         if isinstance(reference_time, datetime):
             ref = reference_time.astimezone(timezone.utc).timestamp()
@@ -350,6 +383,9 @@ class RankingContext:
             reference_time=ref,
             item_price=price,
             item_last_event=item_last,
+            item_median_event=item_median,
+            user_last_event=user_last,
+            item_event_times=event_times,
             item_titles=titles,
             item_images=images,
         )

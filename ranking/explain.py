@@ -213,7 +213,7 @@ class Explainer:
         context: the ranking context the features are computed from.
         ranker: the trained ranker; its feature names must equal the builder's.
         store: any ``GraphStore`` (paths are read from it); None explains without paths.
-        builder: defaults to ``FeatureBuilder(context)``.
+        builder: defaults to ``FeatureBuilder(context, ranker.feature_names)``.
         config: ``max paths`` / ``max features`` / path read limit (``RankingConfig.explain_*``).
     """
 
@@ -229,7 +229,7 @@ class Explainer:
         self.ctx = context
         self.ranker = ranker
         self.store = store
-        self.builder = builder or FeatureBuilder(context)
+        self.builder = builder or FeatureBuilder(context, ranker.feature_names)
         self.config = config or ranker.config
         if tuple(self.builder.names) != tuple(ranker.feature_names):
             raise ExplanationError(
@@ -545,6 +545,14 @@ _PHRASES: dict[str, Callable[[Explainer, float, int, int], str | None]] = {
     "kg_paths_co_buyer": lambda ex, v, u, i: (
         f"customers who chose what you {ex._history_verb(u)} also chose it" if v > 0 else None
     ),
+    "co_buyer_cosine": lambda ex, v, u, i: (
+        f"customers who chose what you {ex._history_verb(u)} also chose it" if v > 0 else None
+    ),
+    "gnn_dot_z": lambda ex, v, u, i: "it stands out for you among the whole catalog" if v >= 2 else None,
+    "item_events_near_user_time": lambda ex, v, u, i: (
+        "people were choosing it around your last visit" if v > 0 else None),
+    "user_activity": None,  # type: ignore[dict-item]  # about the user, not the item
+    "days_user_to_item_activity": None,  # type: ignore[dict-item]  # a time gap is context, not a reason
     "kg_paths_total": lambda ex, v, u, i: (
         _count(v, "one product-graph path links it to items you " + ex._history_verb(u),
                "{n} product-graph paths link it to items you " + ex._history_verb(u)) if v > 0 else None

@@ -379,14 +379,15 @@ class FeatureBuilderPlugin(WorkerPlugin):
 
     name = FEATURE_PLUGIN
 
-    def __init__(self, context: Any):
+    def __init__(self, context: Any, names: tuple[str, ...] | None = None):
         self.context = context
+        self.names = names
         self.builder: Any = None
 
     def setup(self, worker: Any) -> None:
         from ranking.features import FeatureBuilder
 
-        self.builder = FeatureBuilder(self.context)
+        self.builder = FeatureBuilder(self.context, self.names)
 
     def teardown(self, worker: Any) -> None:
         self.builder = None
@@ -405,21 +406,24 @@ def build_features_dask(
     query_vectors: np.ndarray | None = None,
     users_per_partition: int = 2000,
     register: bool = True,
+    names: tuple[str, ...] | None = None,
 ) -> Any:
-    """``FeatureBuilder(context).build(user_index, candidates, query_vectors)`` computed per user partition.
+    """``FeatureBuilder(context, names).build(user_index, candidates, query_vectors)`` computed per user partition.
 
     Args:
         context: the :class:`~ranking.context.RankingContext` (sent to each worker once, with the plugin).
         user_index: (n,) dense user indices; candidates: (n, C) item indices.
         users_per_partition: users per task (bounds each task's dense buffers).
-        register: False reuses the plugin registered by an earlier call with the same context.
+        register: False reuses the plugin registered by an earlier call with the same context and names.
+        names: the columns (a ranker's ``feature_names``; default every feature).
 
     Returns:
         a :class:`~ranking.features.FeatureMatrix` with ``X`` (n * C, F) float32, user-major, identical to the
         single-process build.
     """
-    from ranking.features import FeatureBuilder, FeatureMatrix
+    from ranking.features import FeatureBuilder, FeatureMatrix, check_feature_names
 
+    names = FeatureBuilder.names if names is None else check_feature_names(names)
     user_index = np.asarray(user_index, dtype=np.int64).ravel()
     candidates = np.asarray(candidates, dtype=np.int64)
     if candidates.ndim != 2 or candidates.shape[0] != len(user_index):
@@ -433,7 +437,7 @@ def build_features_dask(
         context = copy.copy(context)  # not dataclasses.replace: that would re-run __post_init__ (renormalising)
         context.retrieval_scorer = None
     if register:
-        client.register_plugin(FeatureBuilderPlugin(context), name=FEATURE_PLUGIN)
+        client.register_plugin(FeatureBuilderPlugin(context, names), name=FEATURE_PLUGIN)
     q = None if query_vectors is None else np.asarray(query_vectors, dtype=np.float32)
     per_user_q = q is not None and q.ndim == 2
     bounds = partition_bounds(len(user_index), -(-len(user_index) // users_per_partition))
@@ -442,11 +446,10 @@ def build_features_dask(
         for a, b in bounds
     ]
     parts = client.gather(futures)
-    X = np.concatenate(parts) if parts else np.zeros((0, len(FeatureBuilder.names)), np.float32)
-    if scorer is not None and len(X):
-        X[:, FeatureBuilder.names.index("gnn_score")] = np.asarray(scorer(user_index, candidates),
-                                                                   dtype=np.float32).ravel()
-    return FeatureMatrix(X=X, names=FeatureBuilder.names, user_index=user_index, candidates=candidates)
+    X = np.concatenate(parts) if parts else np.zeros((0, len(names)), np.float32)
+    if scorer is not None and len(X) and "gnn_score" in names:
+        X[:, names.index("gnn_score")] = np.asarray(scorer(user_index, candidates), dtype=np.float32).ravel()
+    return FeatureMatrix(X=X, names=names, user_index=user_index, candidates=candidates)
 
 
 # ---------------------------------------------------------------------------------------------------- ranker

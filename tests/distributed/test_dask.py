@@ -200,6 +200,14 @@ def test_feature_matrices_identical_to_single_process(client, ranking_setup) -> 
                                 register=False)
     np.testing.assert_array_equal(np.nan_to_num(out_q.X), np.nan_to_num(ref_q.X))
     assert np.isfinite(out_q.column("query_similarity")).all()
+    # a ranker's own columns (opt-in ones included), by name and in its order
+    from ranking.features import FeatureBuilder
+
+    names = ("co_buyer_cosine", "gnn_score", "item_events_near_user_time", "kg_paths_total")
+    out_n = build_features_dask(client, ctx, users[:50], cand[:50], users_per_partition=20, names=names)
+    ref_n = FeatureBuilder(ctx, names).build(users[:50], cand[:50])
+    assert out_n.names == names
+    np.testing.assert_array_equal(np.nan_to_num(out_n.X), np.nan_to_num(ref_n.X))
 
 
 def test_a_context_with_a_retrieval_scorer_is_built_on_workers_and_scored_here(client, ranking_setup) -> None:

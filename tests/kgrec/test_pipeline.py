@@ -350,20 +350,62 @@ def test_fit_on_a_catalogue_smaller_than_k_with_few_candidates(tiny_encoders, tm
     assert ranked["item_coverage@20"] == ranked["item_coverage@10"] and ranked["recall@20"] == ranked["recall@10"]
 
 
-def test_bundle_with_a_ranker_of_other_features_is_refused(fitted, tmp_path):
+def test_a_ranker_of_other_features_serves_its_own_columns_and_unknown_ones_are_refused(fitted, tmp_path):
+    """A saved ranker keeps the names it learned from (an older version's set, or ``ranking.exclude_features``):
+    serving builds exactly those columns in that order; a name this version cannot build is refused at load."""
     import copy
 
-    from ranking.features import FEATURE_NAMES
+    from ranking.features import FEATURE_NAMES, FeatureBuilder
     from ranking.ranker import Ranker
 
+    names = ("item_popularity", "gnn_score", "kg_paths_total", "history_similarity")  # a subset, another order
     rng = np.random.default_rng(0)
-    X, y = rng.normal(size=(200, len(FEATURE_NAMES))), rng.integers(0, 2, 200)
+    X, y = rng.normal(size=(400, len(names))), rng.integers(0, 2, 400)
     rec = copy.copy(fitted)
-    rec.ranker = Ranker(fitted.config.ranking, tuple(reversed(FEATURE_NAMES))).fit(X, y, np.full(10, 20))
+    rec._builder, rec._explainer = None, None
+    rec.ranker = Ranker(fitted.config.ranking, names).fit(X, y, np.full(20, 20))
+    loaded = Recommender.load(rec.save(tmp_path / "b"))
+    assert loaded.ranker.feature_names == names and loaded.feature_builder.names == names
+    user = loaded.user_ids[0]
+    recs = loaded.recommend(user, k=5, explain=True)
+    u = loaded.user_pos[user]
+    items = np.array([loaded.item_pos[r.item_id] for r in recs])
+    full = FeatureBuilder(loaded.context).build(np.array([u]), items.reshape(1, -1))  # every column
+    expected = loaded.ranker.predict(np.stack([full.column(n) for n in names], axis=1))
+    np.testing.assert_allclose([r.score for r in recs], expected, rtol=1e-6)
+    assert {c["name"] for r in recs for c in r.explanation["features"]} <= set(names)
+
+    bad = copy.copy(fitted)
+    bad.ranker = Ranker(fitted.config.ranking, ("gnn_score", "a_feature_from_the_future")).fit(
+        X[:, :2], y, np.full(20, 20))
     with pytest.raises(BundleError, match="was trained on features"):
-        Recommender.load(rec.save(tmp_path / "b"))
+        Recommender.load(bad.save(tmp_path / "c"))
+    assert len(FEATURE_NAMES) > len(names)
     with pytest.raises(ValueError, match=r"takes \(n, \d+\) features"):
-        fitted.ranker.predict(X[:, :-1])
+        fitted.ranker.predict(rng.normal(size=(3, len(fitted.ranker.feature_names) - 1)))
+
+
+def test_exclude_and_extra_features_choose_a_new_rankers_columns(fitted, demo_dataset):
+    from kgrec.config import ConfigError
+
+    before = json.loads(json.dumps(fitted.metrics["test"]))
+    original = fitted.config.ranking.model_copy()
+    left_out, added = ["price", "price_ratio", "kg_paths_entity"], ["co_buyer_cosine", "days_user_to_item_activity"]
+    fitted.refit_ranker(original.model_copy(update={"exclude_features": left_out, "extra_features": added}),
+                        dataset=demo_dataset)
+    try:
+        names = fitted.ranker.feature_names
+        assert not set(left_out) & set(names) and set(added) <= set(names)
+        assert len(names) == len(original.feature_names) - 1 and names[-2:] == tuple(added)
+        assert fitted.feature_builder.names == fitted.ranker.feature_names  # serving rebuilt for the new ranker
+        assert fitted.recommend(fitted.user_ids[0], k=3, explain=True)[0].explanation
+    finally:
+        again = fitted.refit_ranker(original, dataset=demo_dataset)  # the fixture restored
+    assert again["test"]["gnn+ranker"] == pytest.approx(before["gnn+ranker"], abs=1e-12)
+    with pytest.raises(ConfigError, match="unknown ranking features"):
+        Config.load(env={}, overrides={"ranking.exclude_features": ["no_such_feature"]})
+    with pytest.raises(ConfigError, match="opt-in features are"):
+        Config.load(env={}, overrides={"ranking.extra_features": ["gnn_score"]})  # a default column, not opt-in
 
 
 def test_saved_bundles_follow_the_umask_and_resave_cleanly(fitted, tmp_path):

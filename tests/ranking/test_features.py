@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from ranking.context import HISTORY_EVENT_TYPES
-from ranking.features import FEATURE_NAMES, KG_PATH_FEATURES, FeatureBuilder
+from ranking.features import ALL_FEATURES, FEATURE_NAMES, KG_PATH_FEATURES, FeatureBuilder
 from tests.ranking.world import context_from_world, make_world
 
 
@@ -139,3 +140,53 @@ def test_removing_path_edges_lowers_kg_features(small):
     after = FeatureBuilder(ctx2).build(np.array([u]), np.array([[i]])).X[0, FEATURE_NAMES.index("kg_paths_brand")]
     assert before >= 1 and after == 0
     assert isinstance(ei, torch.Tensor)
+
+
+def test_pair_standing_item_knn_and_time_columns_match_direct_computation(small):
+    """gnn_dot_z, user_activity, co_buyer_cosine and the two time columns against loops over the raw arrays."""
+    world, ctx, _ = small
+    fb = FeatureBuilder(ctx, ALL_FEATURES)
+    users = np.array([0, 5, 11, 23])
+    rng = np.random.default_rng(3)
+    cand = np.stack([rng.choice(len(ctx.item_ids), 12, replace=False) for _ in users])
+    fm = fb.build(users, cand)
+    events = world.train_events.copy()  # the context's history
+    events["t"] = (pd.to_datetime(events["timestamp"], utc=True) - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+    hist = ctx.history.toarray()
+    buyers = hist.T  # (I, U)
+    for r, u in enumerate(users):
+        dots = ctx.item_vectors.astype(np.float64) @ ctx.user_vectors[u].astype(np.float64)
+        t_user = events.loc[events["user_id"] == ctx.user_ids[u], "t"].max()
+        for c, i in enumerate(cand[r]):
+            row = fm.row(r, c)
+            get = lambda name: row[ALL_FEATURES.index(name)]  # noqa: E731
+            assert get("gnn_dot_z") == pytest.approx((dots[i] - dots.mean()) / dots.std(), rel=1e-4, abs=1e-4)
+            assert get("user_activity") == pytest.approx(np.log1p(ctx.touched[u].nnz))
+            knn = 0.0
+            for j in np.flatnonzero(hist[u]):
+                if j != i and buyers[j].sum() and buyers[i].sum():
+                    knn += buyers[j] @ buyers[i] / np.sqrt(buyers[j].sum() * buyers[i].sum())
+            assert get("co_buyer_cosine") == pytest.approx(knn, rel=1e-5, abs=1e-6)
+            item_t = events.loc[events["item_id"] == ctx.item_ids[i], "t"].to_numpy()
+            if len(item_t):
+                assert get("days_user_to_item_activity") == pytest.approx((t_user - np.median(item_t)) / 86_400,
+                                                                         rel=1e-5)
+            else:
+                assert np.isnan(get("days_user_to_item_activity"))
+            item_s, user_s = np.floor(item_t), np.floor(t_user)  # whole seconds
+            near = ((item_s > user_s - 7 * 86_400) & (item_s <= user_s)).sum()
+            assert get("item_events_near_user_time") == pytest.approx(np.log1p(near)), (u, i)
+
+
+def test_builder_makes_a_saved_rankers_columns_by_name(small):
+    _, ctx, fb = small
+    users, cand = np.array([1, 2]), np.tile(np.arange(6), (2, 1))
+    full = FeatureBuilder(ctx, ALL_FEATURES).build(users, cand)
+    assert full.X.shape[1] == len(ALL_FEATURES) > fb.build(users, cand).X.shape[1] == len(FEATURE_NAMES)
+    names = ("item_popularity", "gnn_score", "co_buyer_cosine")  # any subset, in the ranker's order
+    part = FeatureBuilder(ctx, names).build(users, cand)
+    assert part.names == names
+    np.testing.assert_array_equal(part.X, np.stack([full.column(n) for n in names], axis=1))
+    np.testing.assert_array_equal(fb.build(users, cand).X, full.X[:, : len(FEATURE_NAMES)])  # defaults first
+    with pytest.raises(ValueError, match="unknown"):
+        FeatureBuilder(ctx, ("gnn_score", "no_such_feature"))
