@@ -66,13 +66,16 @@ def table(rows: list[dict[str, Any]], key: str = "label_source") -> str:
              "GNN + ranker | ranker / GNN (R, N) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         g, k = r["gnn"], r["gnn+ranker"]
+        value = r[key]
+        if isinstance(value, list):  # a list setting (extra_features): its length
+            value = f"{len(value)} columns" if value else "none"
         groups = " + ".join(f"{v} {n}" for n, v in r["train_groups_by_source"].items())
         valid = f"{r['valid_ndcg@20_ranker']:.4f} / {r['valid_ndcg@20_retrieval']:.4f}" if r["valid_ndcg@20_ranker"] else "–"
         if k is None:
-            lines.append(f"| {r['dataset']} | {r[key]} | {groups} | {valid} | "
+            lines.append(f"| {r['dataset']} | {value} | {groups} | {valid} | "
                          f"{g['recall@20']:.4f} / {g['ndcg@20']:.4f} | no ranker | – |")
             continue
-        lines.append(f"| {r['dataset']} | {r[key]} | {groups} | {valid} | {g['recall@20']:.4f} / "
+        lines.append(f"| {r['dataset']} | {value} | {groups} | {valid} | {g['recall@20']:.4f} / "
                      f"{g['ndcg@20']:.4f} | {k['recall@20']:.4f} / {k['ndcg@20']:.4f} | "
                      f"{k['recall@20'] / g['recall@20']:.3f} / {k['ndcg@20'] / g['ndcg@20']:.3f} |")
     return "\n".join(lines)
