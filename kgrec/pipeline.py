@@ -611,7 +611,8 @@ class Recommender:
         and 6); replaces the ranker, its training report and the test metrics. Returns the two stages' seconds.
         ``ev_split``: the events' split codes when the caller already has them (``event_split_codes``)."""
         tr, va, te = (pairs[pairs["split"] == c] for c in (0, 1, 2))
-        self.ranker, self._explainer, self._builder = None, None, None
+        # the serving context, feature builder and explainer follow the ranker's columns: rebuilt on next use
+        self.ranker, self._explainer, self._builder, self._context = None, None, None, None
         self.metrics.pop("ranker_training", None)
         self.metrics.pop("test", None)
         t0 = time.perf_counter()
@@ -642,6 +643,7 @@ class Recommender:
             user_ids=self.user_ids, item_ids=self.item_ids,
             item_text=text, item_image=image, modality_weights=model.modality_weights,
             items=self.items.reset_index(drop=True), events=events,
+            columns=self.ranker.feature_names if self.ranker is not None else self.config.ranking.feature_names,
         )
         ctx.retrieval_scorer = self._retrieval_scores if own else (
             lambda users, candidates: _model_scores(model, users, candidates))

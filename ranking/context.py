@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,9 @@ INTERACTION_EDGE_NAMES: dict[str, str] = {ev: rel.lower() for ev, rel in INTERAC
 HISTORY_EVENT_TYPES: tuple[str, ...] = ("purchase", "cart", "rating")
 HISTORY_RELS: tuple[str, ...] = tuple(INTERACTION_RELS[e] for e in HISTORY_EVENT_TYPES)
 SECONDS_PER_DAY = 86_400.0
+# Opt-in ranking features that read per-event times (``item_median_event``, ``user_last_event``,
+# ``item_event_times``): a context built for other columns skips sorting every event by item and time.
+EVENT_TIME_FEATURES: frozenset[str] = frozenset({"days_user_to_item_activity", "item_events_near_user_time"})
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], data: np.ndarray | None = None) -> sp.csr_matrix:
@@ -178,9 +182,6 @@ class RankingContext:
         self.item_vector_cov = centred.T @ centred / max(len(iv), 1)
         # Distinct items each user touched (any event type): how much the user's vector and history rest on.
         self.user_activity = np.log1p(np.diff(self.touched.indptr).astype(np.float64))
-        # Items per user's purchase/cart/rating history (binary) and the item degrees for the item-kNN cosine.
-        self.history_t: sp.csr_matrix = self.history.T.tocsr()  # (I, U)
-        self.item_history_norm = np.sqrt(np.diff(self.history_t.indptr).astype(np.float64))  # sqrt(users per item)
         # Per-user median price of bought/carted/rated items (NaN without priced history).
         self.user_median_price = np.full(len(self.user_ids), np.nan)
         price = self.item_price
@@ -196,6 +197,16 @@ class RankingContext:
                 self.user_median_price[med.index.to_numpy()] = med.to_numpy()
         self.brand_of_item = _first_column(self.item_brand)
         self.category_of_item = _first_column(self.item_category)
+
+    @cached_property
+    def history_t(self) -> sp.csr_matrix:
+        """(I, U) binary history by item (the co_buyer_cosine feature; built on first use)."""
+        return self.history.T.tocsr()
+
+    @cached_property
+    def item_history_norm(self) -> np.ndarray:
+        """(I,) square roots of the number of users with the item in their history (item-kNN cosine norms)."""
+        return np.sqrt(np.diff(self.history_t.indptr).astype(np.float64))
 
     # ------------------------------------------------------------------ lookups
     @property
@@ -252,6 +263,7 @@ class RankingContext:
         items: pd.DataFrame | None = None,
         events: pd.DataFrame | None = None,
         reference_time: datetime | float | None = None,
+        columns: Any = None,
     ) -> RankingContext:
         """Build from ``GraphStore.to_hetero_data()`` plus vectors.
 
@@ -263,6 +275,8 @@ class RankingContext:
             events: optional table (``user_id``, ``item_id``, ``type``, ``timestamp``) for last-interaction times and
                 item recency; interaction counts always come from the graph.
             reference_time: "now" for day-count features; default: the last event's time, else the current time.
+            columns: the feature names this context will serve (a ranker's ``feature_names``); the per-event time
+                arrays are built only when one of :data:`EVENT_TIME_FEATURES` is among them (None: always).
         """
         user_ids = list(id_maps.get("user", [])) if user_ids is None else list(user_ids)
         item_ids = list(id_maps.get("item", [])) if item_ids is None else list(item_ids)
@@ -341,6 +355,8 @@ class RankingContext:
             last_interaction = sp.csr_matrix((last.to_numpy(), (ui[:, 0], ui[:, 1])), shape=(n_users, n_items))
             per_item = df.groupby("i")["t"].max()
             item_last[per_item.index.to_numpy()] = per_item.to_numpy()
+            ref = float(df["t"].max()) if len(df) else None
+        if events is not None and len(events) and (columns is None or EVENT_TIME_FEATURES & set(columns)):
             med = df.groupby("i")["t"].median()
             item_median[med.index.to_numpy()] = med.to_numpy()
             per_user = df.groupby("u")["t"].max()
@@ -349,7 +365,6 @@ class RankingContext:
             counts = np.bincount(df["i"].to_numpy(), minlength=n_items)
             event_times = (np.r_[0, np.cumsum(counts)].astype(np.int64),
                            np.floor(df["t"].to_numpy()[order]).astype(np.int64))
-            ref = float(df["t"].max()) if len(df) else None
         if isinstance(reference_time, datetime):
             ref = reference_time.astimezone(timezone.utc).timestamp()
         elif reference_time is not None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from ranking.context import SECONDS_PER_DAY, RankingContext
+from ranking.context import EVENT_TIME_FEATURES, SECONDS_PER_DAY, RankingContext
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,10 @@ class FeatureBuilder:
         self.ctx = context
         if names is not None:
             self.names = check_feature_names(names)
+        if EVENT_TIME_FEATURES & set(self.names) and context.item_event_times is None \
+                and context.last_interaction is not None:
+            raise ValueError(f"features {sorted(EVENT_TIME_FEATURES & set(self.names))} need event times: build the "
+                             "context with columns= naming them (RankingContext.from_hetero)")
         ctx = context
         # Transposes used per call, built once.
         self._brand_t = ctx.item_brand.T.tocsr()

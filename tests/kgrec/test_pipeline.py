@@ -399,8 +399,14 @@ def test_exclude_and_extra_features_choose_a_new_rankers_columns(fitted, demo_da
         assert len(names) == len(original.feature_names) - 1 and names[-2:] == tuple(added)
         assert fitted.feature_builder.names == fitted.ranker.feature_names  # serving rebuilt for the new ranker
         assert fitted.recommend(fitted.user_ids[0], k=3, explain=True)[0].explanation
+        # the serving context was rebuilt with the event times the new time column reads
+        assert fitted.context.item_event_times is not None
+        u = np.array([fitted.user_pos[fitted.user_ids[0]]])
+        gap = fitted.feature_builder.build(u, np.arange(20).reshape(1, -1)).column("days_user_to_item_activity")
+        assert np.isfinite(gap).sum() > 0
     finally:
         again = fitted.refit_ranker(original, dataset=demo_dataset)  # the fixture restored
+    assert fitted.context.item_event_times is None  # default columns: no per-event time arrays
     assert again["test"]["gnn+ranker"] == pytest.approx(before["gnn+ranker"], abs=1e-12)
     with pytest.raises(ConfigError, match="unknown ranking features"):
         Config.load(env={}, overrides={"ranking.exclude_features": ["no_such_feature"]})

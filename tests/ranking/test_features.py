@@ -190,3 +190,13 @@ def test_builder_makes_a_saved_rankers_columns_by_name(small):
     np.testing.assert_array_equal(fb.build(users, cand).X, full.X[:, : len(FEATURE_NAMES)])  # defaults first
     with pytest.raises(ValueError, match="unknown"):
         FeatureBuilder(ctx, ("gnn_score", "no_such_feature"))
+    # a context built for the default columns skips the per-event time arrays; asking for a time column says so
+    from ranking.context import RankingContext
+    from tests.ranking.world import context_kwargs
+
+    world = make_world(n_users=40, n_items=60, n_brands=5, n_categories=4, n_entities=6, seed=11)
+    lean = RankingContext.from_hetero(*world.hetero(), **context_kwargs(world), columns=FEATURE_NAMES)
+    assert lean.item_event_times is None and ctx.item_event_times is not None
+    np.testing.assert_array_equal(FeatureBuilder(lean).build(users, cand).X, fb.build(users, cand).X)
+    with pytest.raises(ValueError, match="need event times"):
+        FeatureBuilder(lean, ("gnn_score", "item_events_near_user_time"))
