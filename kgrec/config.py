@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kgrec.errors import ConfigError
 
@@ -147,17 +147,15 @@ class RankingConfig(_Section):
     # item_events_near_user_time; together they lowered test accuracy on five demo catalogs and left ml-100k flat,
     # benchmarks/bench_ranker_features.py). A saved ranker keeps the names it learned from; serving builds those.
 
-    @field_validator("exclude_features", "extra_features")
-    @classmethod
-    def _known_features(cls, v: list[str], info: Any) -> list[str]:
-        from ranking.features import ranker_feature_names
+    @model_validator(mode="after")
+    def _known_features(self) -> RankingConfig:
+        # unknown names, or every column left out: a clear error when the config is read (the default needs no
+        # check, and reading a config should not import the feature code's numerical stack)
+        if self.exclude_features or self.extra_features:
+            from ranking.features import ranker_feature_names
 
-        # unknown names, or every column left out: a clear error when the config is read
-        if info.field_name == "exclude_features":
-            ranker_feature_names(exclude=v)
-        else:
-            ranker_feature_names(extra=v)
-        return v
+            ranker_feature_names(self.exclude_features, self.extra_features)
+        return self
 
     @property
     def feature_names(self) -> tuple[str, ...]:

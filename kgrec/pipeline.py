@@ -611,8 +611,7 @@ class Recommender:
         and 6); replaces the ranker, its training report and the test metrics. Returns the two stages' seconds.
         ``ev_split``: the events' split codes when the caller already has them (``event_split_codes``)."""
         tr, va, te = (pairs[pairs["split"] == c] for c in (0, 1, 2))
-        # the serving context, feature builder and explainer follow the ranker's columns: rebuilt on next use
-        self.ranker, self._explainer, self._builder, self._context = None, None, None, None
+        self.ranker = None  # the setter drops the serving caches built for the old ranker's columns
         self.metrics.pop("ranker_training", None)
         self.metrics.pop("test", None)
         t0 = time.perf_counter()
@@ -802,7 +801,7 @@ class Recommender:
             reranked = np.full((len(users), max(KS)), -1, dtype=np.int64)  # -1: fewer candidates than k
             for s in range(0, len(users), 256):
                 fm = builder.build(users[s : s + 256], cand[s : s + 256])
-                sc = self.ranker.predict(fm.X).reshape(-1, c)
+                sc = self.ranker.predict(fm).reshape(-1, c)
                 sc[cand[s : s + 256] < 0] = -np.inf
                 top = np.argsort(-sc, axis=1, kind="stable")[:, : max(KS)]
                 reranked[s : s + 256, : top.shape[1]] = np.take_along_axis(cand[s : s + 256], top, axis=1)
@@ -818,6 +817,17 @@ class Recommender:
         return {"test": rows}
 
     # ------------------------------------------------------------------------------------------------ serving
+    @property
+    def ranker(self) -> Any:
+        """The LightGBM re-ranker (``ranking.ranker.Ranker``), or None: recommendations in retrieval order."""
+        return self._ranker
+
+    @ranker.setter
+    def ranker(self, value: Any) -> None:
+        # the serving context, feature builder and explainer follow the ranker's columns: rebuilt on next use
+        self._ranker = value
+        self._context = self._builder = self._explainer = None
+
     @property
     def context(self) -> Any:
         """Ranking context over every event (serving history)."""
@@ -849,10 +859,11 @@ class Recommender:
         """The ranking :class:`~ranking.features.FeatureBuilder` over :attr:`context`, built once per context (its
         set-up transposes the (users, items) history: tens of milliseconds at 100,000 items)."""
         ctx = self.context
-        if self._builder is None or self._builder.ctx is not ctx:
+        names = None if self.ranker is None else self.ranker.feature_names
+        if self._builder is None or self._builder.ctx is not ctx or (names and self._builder.names != names):
             from ranking.features import FeatureBuilder
 
-            self._builder = FeatureBuilder(ctx, None if self.ranker is None else self.ranker.feature_names)
+            self._builder = FeatureBuilder(ctx, names)
         return self._builder
 
     def has_history(self, user_id: str) -> bool:
@@ -932,7 +943,7 @@ class Recommender:
         else:
             fm = self.feature_builder.build(np.array([u]), cand.reshape(1, -1), qvec)
             X = fm.X
-            scores = self.ranker.predict(X)
+            scores = self.ranker.predict(fm)
         parts: dict[str, np.ndarray] = {}
         if query:
             match = qscores[cand]
@@ -996,7 +1007,7 @@ class Recommender:
             if not len(rows):
                 continue
             fm = self.feature_builder.build(users[rows], cand)
-            scores = self.ranker.predict(fm.X, num_threads=1).reshape(len(rows), int(c))
+            scores = self.ranker.predict(fm, num_threads=1).reshape(len(rows), int(c))
             for b, r in enumerate(rows):
                 order = np.argsort(-scores[b], kind="stable")[: ks[r]]
                 recs = [self._result(int(cand[b, j]), scores[b, j], n + 1) for n, j in enumerate(order)]
@@ -1797,7 +1808,7 @@ class Recommender:
         model = TrainedModel.load(root / "fusion")
         ranker = None
         if info.has("ranker"):
-            from ranking.features import FEATURE_NAMES, check_feature_names
+            from ranking.features import ALL_FEATURES, check_feature_names
             from ranking.ranker import Ranker
 
             ranker = Ranker.load(root / "ranker")
@@ -1805,7 +1816,7 @@ class Recommender:
                 check_feature_names(ranker.feature_names)
             except ValueError:
                 raise BundleError(f"{root / 'ranker'} was trained on features {list(ranker.feature_names)}; this "
-                                  f"version builds {list(FEATURE_NAMES)}; retrain it (`kgrec train`)") from None
+                                  f"version builds {list(ALL_FEATURES)}; retrain it (`kgrec train`)") from None
         graph = json.loads((root / "graph" / "graph.json").read_text(encoding="utf-8"))
         if graph["backend"] == "embedded":
             from kg.embedded_store import EmbeddedStore

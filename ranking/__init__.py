@@ -14,17 +14,18 @@ The library API the app wires (``Recommender.fit / recommend(explain=True) / exp
         item_text=T, item_image=P,               # (n_items, dt) / (n_items, di) encoder vectors or None
         modality_weights=W,                      # (n_items, 3) text/image/graph fusion weights or None
         items=dataset.items, events=train_events)
-    builder = FeatureBuilder(ctx)                # FEATURE_NAMES, vectorised (n_users * C, F)
+    builder = FeatureBuilder(ctx)                # FEATURE_NAMES (the default columns), vectorised (n_users * C, F)
 
     # 2. Train on retrieval candidates labelled by held-out events (graded: purchase 4 > cart 3 > click 2 > view 1).
     ranker, report = fit_ranker(builder, users, candidates, valid_events, config=cfg.ranking)
     ranker.save(bundle / "ranker")               # model.txt (LightGBM text) + feature_spec.json
     ranker = Ranker.load(bundle / "ranker")
+    builder = FeatureBuilder(ctx, ranker.feature_names)   # a saved ranker's own columns, by name
     table = evaluate_reranking(ranker, builder, test_users, test_candidates, test_events)  # retrieval vs re-ranked
 
     # 3. Serve: re-rank one user's candidates, explain the top.
     fm = builder.build(np.array([u]), candidates_row[None, :], query_vector)   # (C, F)
-    order = np.argsort(-ranker.predict(fm.X))[:k]
+    order = np.argsort(-ranker.predict(fm))[:k]    # a FeatureMatrix: its column names are checked
     explainer = Explainer(ctx, ranker, store)
     explanations = explainer.explain_rows(u, candidates_row[order], fm.X[order])   # or .explain(user_id, item_id)
     explanations[0].to_dict()                    # JSON, schema in ranking/explanation.schema.json

@@ -174,12 +174,6 @@ class RankingContext:
         any_bin.data = np.ones_like(any_bin.data)
         self.touched: sp.csr_matrix = any_bin
         self.item_vectors_unit = _normalise_rows(self.item_vectors)
-        # Mean and covariance of the item vectors: a user's GNN dot products over all items have mean u.mu and
-        # variance u' S u, so a pair's standard score needs no pass over the catalog (the gnn_dot_z feature).
-        iv = self.item_vectors.astype(np.float64)
-        self.item_vector_mean = iv.mean(axis=0) if len(iv) else np.zeros(iv.shape[1])
-        centred = iv - self.item_vector_mean
-        self.item_vector_cov = centred.T @ centred / max(len(iv), 1)
         # Distinct items each user touched (any event type): how much the user's vector and history rest on.
         self.user_activity = np.log1p(np.diff(self.touched.indptr).astype(np.float64))
         # Per-user median price of bought/carted/rated items (NaN without priced history).
@@ -197,6 +191,21 @@ class RankingContext:
                 self.user_median_price[med.index.to_numpy()] = med.to_numpy()
         self.brand_of_item = _first_column(self.item_brand)
         self.category_of_item = _first_column(self.item_category)
+
+    @cached_property
+    def item_vector_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(d,) mean and (d, d) covariance of the item vectors (float64, in chunks; built on first use): a user's
+        GNN dot products over all items have mean u.mu and variance u' S u, so the gnn_dot_z feature needs no pass
+        over the catalog."""
+        iv = self.item_vectors
+        n, d = iv.shape
+        total, gram = np.zeros(d), np.zeros((d, d))
+        for s in range(0, n, 65_536):
+            block = iv[s : s + 65_536].astype(np.float64)
+            total += block.sum(axis=0)
+            gram += block.T @ block
+        mean = total / max(n, 1)
+        return mean, gram / max(n, 1) - np.outer(mean, mean)
 
     @cached_property
     def history_t(self) -> sp.csr_matrix:
@@ -361,10 +370,11 @@ class RankingContext:
             item_median[med.index.to_numpy()] = med.to_numpy()
             per_user = df.groupby("u")["t"].max()
             user_last[per_user.index.to_numpy()] = per_user.to_numpy()
-            order = np.lexsort((df["t"].to_numpy(), df["i"].to_numpy()))
-            counts = np.bincount(df["i"].to_numpy(), minlength=n_items)
+            timed = df[np.isfinite(df["t"].to_numpy())]  # events without a timestamp have no place in time
+            order = np.lexsort((timed["t"].to_numpy(), timed["i"].to_numpy()))
+            counts = np.bincount(timed["i"].to_numpy(), minlength=n_items)
             event_times = (np.r_[0, np.cumsum(counts)].astype(np.int64),
-                           np.floor(df["t"].to_numpy()[order]).astype(np.int64))
+                           np.floor(timed["t"].to_numpy()[order]).astype(np.int64))
         if isinstance(reference_time, datetime):
             ref = reference_time.astimezone(timezone.utc).timestamp()
         elif reference_time is not None:

@@ -139,6 +139,8 @@ def ranker_feature_names(exclude: tuple[str, ...] | list[str] = (), extra: tuple
     if unknown:
         raise ValueError(f"unknown ranking features {unknown} to add; the opt-in features are {list(OPTIONAL_FEATURES)}")
     chosen = (set(FEATURE_NAMES) - set(exclude)) | set(extra)
+    if not chosen:
+        raise ValueError("every ranking feature is excluded: keep at least one (ranking.exclude_features)")
     return check_feature_names([n for n in ALL_FEATURES if n in chosen])
 
 
@@ -291,8 +293,9 @@ class FeatureBuilder:
         if "gnn_dot_z" in wanted:
             dot = np.einsum("nd,ncd->nc", uvec, ctx.item_vectors[candidates]).astype(np.float64)
             u64 = uvec.astype(np.float64)
-            mean = u64 @ ctx.item_vector_mean
-            sd = np.sqrt(np.maximum(np.einsum("nd,de,ne->n", u64, ctx.item_vector_cov, u64), 0.0))
+            mu, cov = ctx.item_vector_moments
+            mean = u64 @ mu
+            sd = np.sqrt(np.maximum(np.einsum("nd,de,ne->n", u64, cov, u64), 0.0))
             cols["gnn_dot_z"] = ((dot - mean[:, None]) / np.maximum(sd, 1e-12)[:, None]).ravel()
         if "user_activity" in wanted:
             cols["user_activity"] = ctx.user_activity[users_flat]

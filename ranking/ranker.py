@@ -133,8 +133,9 @@ class Ranker:
             verbose=-1,
         )
 
-    def predict(self, X: np.ndarray, num_threads: int | None = None) -> np.ndarray:
-        """(n,) float64 raw ranking scores for (n, F) features. ``num_threads`` overrides the thread count (default:
+    def predict(self, X: np.ndarray | FeatureMatrix, num_threads: int | None = None) -> np.ndarray:
+        """(n,) float64 raw ranking scores for (n, F) features (an array, or a :class:`FeatureMatrix` whose column
+        names are checked against the ranker's). ``num_threads`` overrides the thread count (default:
         1 below a few thousand rows, else ``config.n_jobs``); the scores do not depend on it. A service running one
         process per core passes 1."""
         self._check()
@@ -142,7 +143,12 @@ class Ranker:
         threads = self._threads(len(X)) if num_threads is None else max(1, int(num_threads))
         return self.booster_.predict(X, num_iteration=self.best_iteration_, num_threads=threads)
 
-    def _features(self, X: np.ndarray) -> np.ndarray:
+    def _features(self, X: np.ndarray | FeatureMatrix) -> np.ndarray:
+        if isinstance(X, FeatureMatrix):  # named columns: they must be the ranker's own, in its order
+            if tuple(X.names) != self.feature_names:
+                raise ValueError(f"the ranker takes features {list(self.feature_names)}, in that order; got "
+                                 f"{list(X.names)} (build them with FeatureBuilder(context, ranker.feature_names))")
+            X = X.X
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != len(self.feature_names):
             raise ValueError(f"the ranker takes (n, {len(self.feature_names)}) features {list(self.feature_names)}; "
@@ -153,7 +159,7 @@ class Ranker:
         # One request's few hundred rows: thread start-up and contention cost more than the trees (per-user latency).
         return 1 if n_rows < _SMALL_BATCH else max(1, self.config.n_jobs)
 
-    def contributions(self, X: np.ndarray) -> np.ndarray:
+    def contributions(self, X: np.ndarray | FeatureMatrix) -> np.ndarray:
         """(n, F + 1) float64 SHAP contributions (TreeSHAP, ``pred_contrib=True``): one column per feature plus
         the bias last; each row sums to ``predict(X)``."""
         self._check()

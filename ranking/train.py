@@ -243,7 +243,7 @@ def evaluate_reranking(
     y = _pair_values(grades, rep, candidates.ravel()).astype(np.int64)
     relevant = np.diff(grades.indptr)  # held-out items per user (inside or outside the candidates)
     fm = builder.build(user_index, np.maximum(candidates, 0))
-    scores = ranker.predict(fm.X)
+    scores = ranker.predict(fm)  # checks the builder makes the ranker's columns
     scores[candidates.ravel() < 0] = -np.inf  # -1 padding (fewer unseen items than C): never ranked, never a hit
     group = np.full(n, C)
     out: dict[str, Any] = {"users": int(n), "users_with_hit": int((y.reshape(n, C).max(axis=1) > 0).sum())}

@@ -393,8 +393,10 @@ class FeatureBuilderPlugin(WorkerPlugin):
         self.builder = None
 
 
-def _feature_partition(user_index: np.ndarray, candidates: np.ndarray, query: np.ndarray | None) -> np.ndarray:
-    return _worker_plugin(FEATURE_PLUGIN).builder.build(user_index, candidates, query).X
+def _feature_partition(user_index: np.ndarray, candidates: np.ndarray, query: np.ndarray | None
+                       ) -> tuple[tuple[str, ...], np.ndarray]:
+    fm = _worker_plugin(FEATURE_PLUGIN).builder.build(user_index, candidates, query)
+    return fm.names, fm.X
 
 
 def build_features_dask(
@@ -446,7 +448,11 @@ def build_features_dask(
         for a, b in bounds
     ]
     parts = client.gather(futures)
-    X = np.concatenate(parts) if parts else np.zeros((0, len(names)), np.float32)
+    built = {p[0] for p in parts}
+    if built - {names}:  # a plugin registered earlier (register=False) builds other columns
+        raise ValueError(f"the workers' feature builder makes {list(next(iter(built - {names})))}, not the "
+                         f"{list(names)} asked for: call with register=True to ship a builder for these columns")
+    X = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, len(names)), np.float32)
     if scorer is not None and len(X) and "gnn_score" in names:
         X[:, names.index("gnn_score")] = np.asarray(scorer(user_index, candidates), dtype=np.float32).ravel()
     return FeatureMatrix(X=X, names=names, user_index=user_index, candidates=candidates)

@@ -208,6 +208,8 @@ def test_feature_matrices_identical_to_single_process(client, ranking_setup) -> 
     ref_n = FeatureBuilder(ctx, names).build(users[:50], cand[:50])
     assert out_n.names == names
     np.testing.assert_array_equal(np.nan_to_num(out_n.X), np.nan_to_num(ref_n.X))
+    with pytest.raises(ValueError, match="register=True"):  # the registered plugin builds those 4, not the default
+        build_features_dask(client, ctx, users[:50], cand[:50], register=False)
 
 
 def test_a_context_with_a_retrieval_scorer_is_built_on_workers_and_scored_here(client, ranking_setup) -> None:

@@ -362,8 +362,8 @@ def test_a_ranker_of_other_features_serves_its_own_columns_and_unknown_ones_are_
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(400, len(names))), rng.integers(0, 2, 400)
     rec = copy.copy(fitted)
-    rec._builder, rec._explainer = None, None
-    rec.ranker = Ranker(fitted.config.ranking, names).fit(X, y, np.full(20, 20))
+    rec.ranker = Ranker(fitted.config.ranking, names).fit(X, y, np.full(20, 20))  # drops the copy's serving caches
+    assert rec.feature_builder.names == names
     loaded = Recommender.load(rec.save(tmp_path / "b"))
     assert loaded.ranker.feature_names == names and loaded.feature_builder.names == names
     user = loaded.user_ids[0]
@@ -412,6 +412,11 @@ def test_exclude_and_extra_features_choose_a_new_rankers_columns(fitted, demo_da
         Config.load(env={}, overrides={"ranking.exclude_features": ["no_such_feature"]})
     with pytest.raises(ConfigError, match="opt-in features are"):
         Config.load(env={}, overrides={"ranking.extra_features": ["gnn_score"]})  # a default column, not opt-in
+    with pytest.raises(ConfigError, match="every ranking feature is excluded"):
+        Config.load(env={}, overrides={"ranking.exclude_features": list(original.feature_names)})
+    only = Config.load(env={}, overrides={"ranking.exclude_features": list(original.feature_names),
+                                          "ranking.extra_features": ["gnn_dot_z"]})  # judged together
+    assert only.ranking.feature_names == ("gnn_dot_z",)
 
 
 def test_saved_bundles_follow_the_umask_and_resave_cleanly(fitted, tmp_path):

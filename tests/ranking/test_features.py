@@ -200,3 +200,42 @@ def test_builder_makes_a_saved_rankers_columns_by_name(small):
     np.testing.assert_array_equal(FeatureBuilder(lean).build(users, cand).X, fb.build(users, cand).X)
     with pytest.raises(ValueError, match="need event times"):
         FeatureBuilder(lean, ("gnn_score", "item_events_near_user_time"))
+
+
+def test_events_without_a_timestamp_leave_the_time_columns_of_the_others_unchanged():
+    from ranking.context import RankingContext
+    from tests.ranking.world import context_kwargs
+
+    world = make_world(n_users=40, n_items=60, n_brands=5, n_categories=4, n_entities=6, seed=11)
+    kw = context_kwargs(world)
+    events = kw["events"].copy()
+    events["timestamp"] = pd.to_datetime(events["timestamp"], utc=True)
+    undated = events.index[events["type"] == "view"][:3]  # views: the graph's interaction counts stay as they are
+    names = ("days_user_to_item_activity", "item_events_near_user_time")
+    ref = RankingContext.from_hetero(*world.hetero(), **{**kw, "events": events.drop(undated)})
+    events.loc[undated, "timestamp"] = pd.NaT
+    ctx = RankingContext.from_hetero(*world.hetero(), **{**kw, "events": events})
+    users, cand = np.arange(10), np.tile(np.arange(30), (10, 1))
+    got = FeatureBuilder(ctx, names).build(users, cand).X
+    want = FeatureBuilder(ref, names).build(users, cand).X
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), rtol=1e-6)
+    assert (got[:, 1] > 0).any()
+
+
+def test_a_ranker_refuses_named_columns_that_are_not_its_own(small):
+    from kgrec.config import RankingConfig
+    from ranking.ranker import Ranker
+
+    _, ctx, fb = small
+    names = tuple(reversed(FEATURE_NAMES))  # same count, other order
+    rng = np.random.default_rng(0)
+    ranker = Ranker(RankingConfig(n_estimators=5), names).fit(rng.normal(size=(200, len(names))),
+                                                               rng.integers(0, 2, 200), np.full(10, 20))
+    fm = fb.build(np.array([0]), np.arange(20).reshape(1, -1))
+    with pytest.raises(ValueError, match="in that order"):
+        ranker.predict(fm)
+    with pytest.raises(ValueError, match="in that order"):
+        ranker.contributions(fm)
+    own = FeatureBuilder(ctx, names).build(np.array([0]), np.arange(20).reshape(1, -1))
+    np.testing.assert_array_equal(ranker.predict(own), ranker.predict(own.X))
