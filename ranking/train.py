@@ -122,8 +122,9 @@ def _finish_report(ranker: Ranker, report: dict[str, Any]) -> dict[str, Any]:
     if not report.get("beats_retrieval", True):
         logger.warning(
             "the re-ranker does not beat the retrieval order on its %d validation users (NDCG@20 %.4f vs %.4f, "
-            "best iteration %d): the re-ranker is still used, but compare the gnn and gnn+ranker rows of the metrics; more "
-            "held-out events (users with valid events) or a smaller ranking.num_leaves usually help",
+            "best iteration %d): the re-ranker is still used, but compare the gnn and gnn+ranker rows of the metrics (the "
+            "retrieval figure is optimistic when the retrieval model stopped early on these same events, as fit's GNN "
+            "does); more held-out events (users with valid events) or a smaller ranking.num_leaves usually help",
             report["valid_groups"], report["valid_ndcg@20_ranker"], report["valid_ndcg@20_retrieval"],
             report["best_iteration"] or 0)
     return report
