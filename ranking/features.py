@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -65,7 +66,7 @@ FEATURE_DESCRIPTIONS: dict[str, str] = {
 FEATURE_NAMES: tuple[str, ...] = tuple(FEATURE_DESCRIPTIONS)  # the columns a ranker learns from by default
 # Opt-in columns (``ranking.extra_features``), computed only for a ranker that uses them. Measured together against
 # the default set (benchmarks/bench_ranker_features.py): test ratio to the GNN order 1.318 vs 1.428 over five demo
-# catalogs, ml-100k Recall@20 0.4055 vs 0.4059 - more columns than a few hundred users' labels support.
+# catalogs, ml-100k Recall@20 0.4055 vs 0.4059 (likely more columns than a few hundred users' labels support).
 OPTIONAL_FEATURE_DESCRIPTIONS: dict[str, str] = {
     "gnn_dot_z": "the GNN dot product as a standard score over all items for this user (how far the item stands out)",
     "user_activity": "log1p of the number of distinct items the user has any event on",
@@ -305,7 +306,7 @@ class FeatureBuilder:
         if "days_user_to_item_activity" in wanted:
             cols["days_user_to_item_activity"] = (t_user - ctx.item_median_event[flat]) / SECONDS_PER_DAY
         if "item_events_near_user_time" in wanted:
-            cols["item_events_near_user_time"] = _events_in_window(ctx.item_event_times, flat, t_user,
+            cols["item_events_near_user_time"] = _events_in_window(self._event_keys, flat, t_user,
                                                                    NEAR_USER_TIME_SECONDS)
 
         X = np.empty((n * C, len(self.names)), dtype=np.float32)
@@ -314,6 +315,19 @@ class FeatureBuilder:
         return FeatureMatrix(X=X, names=self.names, user_index=user_index, candidates=candidates)
 
     # ------------------------------------------------------------------ helpers
+    @cached_property
+    def _event_keys(self) -> tuple[np.ndarray, int, int] | None:
+        """Every event as one sorted int64 key ``item * (span + 1) + (second - t0)``, with ``t0`` and ``span``: a
+        window count per pair is then two binary searches (built once per builder, not per request)."""
+        if self.ctx.item_event_times is None:
+            return None
+        indptr, times = self.ctx.item_event_times
+        if not len(times):
+            return np.zeros(0, dtype=np.int64), 0, 0
+        t0, span = int(times.min()), int(times.max() - times.min()) + 1
+        keys = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr)) * (span + 1) + (times - t0)
+        return keys, t0, span
+
     def _item_knn(self, user_index: np.ndarray, rep: np.ndarray, flat: np.ndarray) -> np.ndarray:
         """sum_j h[u, j] cos(j, i) over the user's history items j != i, cosine over the items' buyer sets
         (binary history): ``((h_u / n) @ B.T) . B_i / n_i`` with ``n`` the square roots of the item degrees."""
@@ -339,24 +353,21 @@ class FeatureBuilder:
         return out.reshape(n * candidates.shape[1])
 
 
-def _events_in_window(event_times: tuple[np.ndarray, np.ndarray] | None, items: np.ndarray, until: np.ndarray,
+def _events_in_window(event_keys: tuple[np.ndarray, int, int] | None, items: np.ndarray, until: np.ndarray,
                       window: float) -> np.ndarray:
-    """log1p of the number of events of ``items[r]`` in ``(until[r] - window, until[r]]`` (NaN where ``until`` is
-    NaN or no times are known): one binary search over the item-grouped, time-sorted event times."""
+    """log1p of the number of events of ``items[r]`` in ``(until[r] - window, until[r]]``, whole seconds (NaN where
+    ``until`` is NaN or no times are known); ``event_keys``: ``FeatureBuilder._event_keys``."""
     out = np.full(len(items), np.nan)
-    if event_times is None or not len(items):
+    if event_keys is None or not len(items):
         return out
-    indptr, times = event_times
+    keys, t0, span = event_keys
     ok = np.isfinite(until)
-    if not ok.any() or not len(times):
-        if len(times) == 0:
-            out[ok] = 0.0
+    if not len(keys):
+        out[ok] = 0.0
         return out
-    t0, span = int(times.min()), int(times.max() - times.min()) + 1
-    keys = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr)) * (span + 1) + (times - t0)
     it, hi = items[ok].astype(np.int64), np.floor(until[ok]).astype(np.int64) - t0
     lo = hi - int(window)
-    base = it * (span + 1)
+    base = it * (span + 1)  # item it's keys lie in [base, base + span - 1]; clipping keeps a bound in its gaps
     right = np.searchsorted(keys, base + np.clip(hi, -1, span), side="right")
     left = np.searchsorted(keys, base + np.clip(lo, -1, span), side="right")
     out[ok] = np.log1p(np.maximum(right - left, 0))

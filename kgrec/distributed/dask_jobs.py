@@ -417,7 +417,7 @@ def build_features_dask(
         user_index: (n,) dense user indices; candidates: (n, C) item indices.
         users_per_partition: users per task (bounds each task's dense buffers).
         register: False reuses the plugin registered by an earlier call with the same context and names.
-        names: the columns (a ranker's ``feature_names``; default every feature).
+        names: the columns (a ranker's ``feature_names``; default the default columns, ``FEATURE_NAMES``).
 
     Returns:
         a :class:`~ranking.features.FeatureMatrix` with ``X`` (n * C, F) float32, user-major, identical to the
