@@ -117,8 +117,17 @@ def _against_retrieval(ranker_ndcg: float, ts: TrainingSet, gain: list[float]) -
 
 def _finish_report(ranker: Ranker, report: dict[str, Any]) -> dict[str, Any]:
     """Log the training report (and warn when the ranker does not beat the retrieval order); keep it on the ranker."""
+    gain = ranker.feature_importance()
+    total = sum(gain.values())
+    # what the trees rest on: each column's share of the split gain (columns that no split uses are left out)
+    report["feature_gain_share"] = {n: round(g / total, 4) for n, g in sorted(gain.items(), key=lambda kv: -kv[1])
+                                    if g > 0} if total > 0 else {}
     ranker.metrics_.update(report)
-    logger.info("re-ranker: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()})
+    logger.info("re-ranker: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()
+                                  if k != "feature_gain_share"})
+    top = list(report["feature_gain_share"].items())[:5]
+    if top:
+        logger.info("re-ranker's split gain, largest shares: %s", ", ".join(f"{n} {v:.0%}" for n, v in top))
     if not report.get("beats_retrieval", True):
         logger.warning(
             "the re-ranker does not beat the retrieval order on its %d validation users (NDCG@20 %.4f vs %.4f, "

@@ -40,6 +40,12 @@ def test_fit_reports_metrics_and_beats_popularity(fitted):
     assert best > test["popularity"]["ndcg@20"]
     c = fitted.metrics["counts"]
     assert c["train_pairs"] > c["valid_pairs"] > 0 and c["test_pairs"] > 0
+    # what the ranker's trees rest on: gain shares of its own columns, largest first, summing to 1
+    share = fitted.metrics["ranker_training"]["feature_gain_share"]
+    assert share and set(share) <= set(fitted.ranker.feature_names)
+    assert sum(share.values()) == pytest.approx(1.0, abs=1e-3) and list(share.values()) == sorted(share.values())[::-1]
+    gain = fitted.ranker.feature_importance()
+    assert max(gain, key=gain.get) == next(iter(share))
 
 
 def test_recommend_excludes_seen_and_explains(fitted):
