@@ -15,28 +15,22 @@ Writes ``benchmarks/results/ranker_cv.json`` and prints a table.
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from benchmarks.bench_ranker_labels import arguments, collect, write
+from benchmarks.bench_ranker_labels import compare, demo_mean_ratio, write
 
 SETTINGS = (0, 5)
 
 
 def main() -> None:
-    a = arguments(__doc__, "3,4,5,6,7")
-    t0 = time.perf_counter()
     key = "cv_folds"
-    rows = collect(a, key, SETTINGS)
+    a, rows, t0 = compare(__doc__, "3,4,5,6,7", key, SETTINGS)
     summary = {}
     for v in SETTINGS:
         mine = [r for r in rows if r[key] == v and r["gnn+ranker"] and r["dataset"].startswith("demo")]
         if not mine:
             continue
-        ratio = [(r["gnn+ranker"]["recall@20"] / r["gnn"]["recall@20"] + r["gnn+ranker"]["ndcg@20"] / r["gnn"]["ndcg@20"])
-                 / 2 for r in mine]
-        summary[str(v)] = {"demo_mean_ratio": float(np.mean(ratio)),
+        summary[str(v)] = {"demo_mean_ratio": demo_mean_ratio(mine),
                            "demo_mean_ranker_fit_s": float(np.mean([r["ranker_fit_s"] for r in mine]))}
         print(f"cv_folds {v}: demo catalogs' mean test ratio to the GNN order ((R@20 + N@20) / 2) "
               f"{summary[str(v)]['demo_mean_ratio']:.3f}; ranker fit {summary[str(v)]['demo_mean_ranker_fit_s']:.2f} s")

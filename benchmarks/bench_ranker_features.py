@@ -18,31 +18,21 @@ Writes ``benchmarks/results/ranker_features.json`` and prints a table.
 """
 from __future__ import annotations
 
-import time
-
-import numpy as np
-
-from benchmarks.bench_ranker_labels import arguments, collect, write
-
+from benchmarks.bench_ranker_labels import compare, demo_mean_ratio, write
 from ranking.features import OPTIONAL_FEATURES
 
 SETTINGS = ([], list(OPTIONAL_FEATURES))  # the default feature set, then with the opt-in columns added
 
 
 def main() -> None:
-    a = arguments(__doc__, "8,9,10,11,12")
-    t0 = time.perf_counter()
     key = "extra_features"
-    rows = collect(a, key, SETTINGS)
+    a, rows, t0 = compare(__doc__, "8,9,10,11,12", key, SETTINGS)
     summary = {}
     for v in SETTINGS:
         label = "with" if v else "without"
         mine = [r for r in rows if r[key] == v and r["gnn+ranker"]]
-        demo = [r for r in mine if r["dataset"].startswith("demo")]
-        ratio = [(r["gnn+ranker"]["recall@20"] / r["gnn"]["recall@20"] + r["gnn+ranker"]["ndcg@20"] / r["gnn"]["ndcg@20"])
-                 / 2 for r in demo]
         ml = [r for r in mine if r["dataset"] == "ml-100k"]
-        summary[label] = {"demo_mean_ratio": float(np.mean(ratio)) if ratio else None,
+        summary[label] = {"demo_mean_ratio": demo_mean_ratio(mine),
                           "ml100k_recall@20": ml[0]["gnn+ranker"]["recall@20"] if ml else None,
                           "ml100k_ndcg@20": ml[0]["gnn+ranker"]["ndcg@20"] if ml else None}
         print(f"{label} the new columns: demo mean test ratio to the GNN order ((R@20 + N@20) / 2) "

@@ -109,6 +109,24 @@ def collect(a: argparse.Namespace, key: str, variants: tuple[Any, ...]) -> list[
     return rows
 
 
+def compare(doc: str, seeds: str, key: str, variants: tuple[Any, ...]
+            ) -> tuple[argparse.Namespace, list[dict[str, Any]], float]:
+    """A ranker benchmark's run: its command line (``doc``, default demo ``seeds``), then ``collect`` over the
+    ``ranking.<key>`` variants. Returns (arguments, rows, start time)."""
+    a = arguments(doc, seeds)
+    t0 = time.perf_counter()
+    return a, collect(a, key, variants), t0
+
+
+def demo_mean_ratio(rows: list[dict[str, Any]]) -> float | None:
+    """Mean over the demo-catalog rows with a ranker of the test ratio to the GNN order, (R@20 + N@20) / 2."""
+    demo = [r for r in rows if r["gnn+ranker"] and r["dataset"].startswith("demo")]
+    if not demo:
+        return None
+    return float(np.mean([(r["gnn+ranker"]["recall@20"] / r["gnn"]["recall@20"]
+                           + r["gnn+ranker"]["ndcg@20"] / r["gnn"]["ndcg@20"]) / 2 for r in demo]))
+
+
 def write(a: argparse.Namespace, name: str, rows: list[dict[str, Any]], summary: dict[str, Any], t0: float) -> None:
     """``benchmarks/results/<name>.json``: command, machine, wall time, rows and summary."""
     a.out.mkdir(parents=True, exist_ok=True)
@@ -120,9 +138,7 @@ def write(a: argparse.Namespace, name: str, rows: list[dict[str, Any]], summary:
 
 
 def main() -> None:
-    a = arguments(__doc__, "0,1,2")
-    t0 = time.perf_counter()
-    rows = collect(a, "label_source", SOURCES)
+    a, rows, t0 = compare(__doc__, "0,1,2", "label_source", SOURCES)
     summary = {}
     for src in SOURCES:
         mine = [r for r in rows if r["label_source"] == src and r["gnn+ranker"]]
