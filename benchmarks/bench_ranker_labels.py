@@ -127,11 +127,13 @@ def demo_mean_ratio(rows: list[dict[str, Any]]) -> float | None:
                            + r["gnn+ranker"]["ndcg@20"] / r["gnn"]["ndcg@20"]) / 2 for r in demo]))
 
 
-def write(a: argparse.Namespace, name: str, rows: list[dict[str, Any]], summary: dict[str, Any], t0: float) -> None:
-    """``benchmarks/results/<name>.json``: command, machine, wall time, rows and summary."""
+def write(a: argparse.Namespace, name: str, rows: list[dict[str, Any]], summary: dict[str, Any], t0: float,
+          module: str | None = None) -> None:
+    """``benchmarks/results/<name>.json``: command, machine, wall time, rows and summary (``module``: the
+    benchmark's module when it is not ``bench_<name>``, with its leading arguments)."""
     a.out.mkdir(parents=True, exist_ok=True)
     args = f"--seeds {a.seeds}" + (f" --ml100k {a.ml100k}" if a.ml100k else "")
-    out = {"command": f"python -m benchmarks.bench_{name} {args}", "machine": platform.platform(),
+    out = {"command": f"python -m benchmarks.{module or 'bench_' + name} {args}", "machine": platform.platform(),
            "wall_s": round(time.perf_counter() - t0, 1), "rows": rows, "summary": summary}
     (a.out / f"{name}.json").write_text(json.dumps(out, indent=2, default=float), encoding="utf-8")
     print(f"wrote {a.out / (name + '.json')} ({out['wall_s']} s)")
