@@ -8,8 +8,8 @@ or text.
     .venv/bin/python -m benchmarks.bench_ranker_setting min_child_samples 20,50,100 --seeds 13,14,15,16,17 \
         [--ml100k ../shared/data/ml-100k-kg]
 
-Writes ``benchmarks/results/ranker_setting_<KEY>.json`` and prints a table. Used for ``min_child_samples`` (the
-README's "How fit works" has the decision).
+Writes ``benchmarks/results/ranker_setting_<KEY>.json`` and prints a table. Used for ``min_child_samples`` and
+``num_candidates`` (the README's benchmarks table has the decisions).
 """
 from __future__ import annotations
 
