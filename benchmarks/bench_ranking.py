@@ -285,6 +285,7 @@ def render_demo_report(seed: int = 0) -> dict:
     from ranking.features import FeatureBuilder
     from ranking.ranker import Ranker, build_training_set, top_candidates
     from ranking.report import write_report
+    from ranking.train import gain_shares
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_report_"))
     try:
@@ -339,6 +340,7 @@ def render_demo_report(seed: int = 0) -> dict:
         html_path = write_report(
             DOCS / "report.html", report, image_root=ds.root, title="kgrec: explained recommendations",
             subtitle="demo catalog (400 items, 150 users); GNN/encoder vectors replaced by SVD stand-ins",
+            ranker_gain=gain_shares(ranker),
         )
         out = {"report_html": str(html_path.relative_to(ROOT)), "users": list(report)}
         out["example"] = report[users[shown[0]]][0].to_dict()

@@ -104,14 +104,38 @@ def contribution_svg(explanation: Explanation, max_bars: int = 8, width: int = 4
     return Markup(svg)
 
 
+def gain_svg(shares: Mapping[str, float], max_bars: int = 10, width: int = 420) -> Markup:
+    """Horizontal bar chart (inline SVG) of the largest shares of the ranker's split gain (``gain_shares``)."""
+    items = list(shares.items())[:max_bars]
+    if not items:
+        return Markup("")
+    label_w, bar_w, row_h = 190, width - 190 - 50, 20
+    scale = max(v for _, v in items) or 1.0
+    rows = []
+    for k, (name, v) in enumerate(items):
+        y = k * row_h + 4
+        w = v / scale * bar_w
+        rows.append(
+            f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end" font-size="11">{html.escape(name)}</text>'
+            f'<rect x="{label_w}" y="{y + 3}" width="{max(w, 0.5):.1f}" height="12" fill="#5b8def"/>'
+            f'<text x="{label_w + w + 4:.1f}" y="{y + 13}" font-size="10" fill="#444">{v:.0%}</text>'
+        )
+    height = len(items) * row_h + 8
+    return Markup(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+                  f'aria-label="the ranker\'s split gain per feature" font-family="sans-serif">' + "".join(rows) + "</svg>")
+
+
 def render_report(
     explanations: Mapping[str, Iterable[Explanation]],
     *,
     title: str = "Explained recommendations",
     image_root: str | Path | None = None,
     subtitle: str | None = None,
+    ranker_gain: Mapping[str, float] | None = None,
 ) -> str:
-    """HTML text for ``{user_id: [Explanation, ...]}`` (lists in recommendation order)."""
+    """HTML text for ``{user_id: [Explanation, ...]}`` (lists in recommendation order). ``ranker_gain``: the
+    ranker's split-gain shares (``ranking.train.gain_shares``), shown once above the cards: what the ranker rests on
+    overall, next to each recommendation's own contributions."""
     env = Environment(loader=PackageLoader("ranking", "templates"), autoescape=select_autoescape(["html", "j2"]))
     env.filters["emphasis"] = emphasis
     users: list[dict[str, Any]] = []
@@ -134,6 +158,7 @@ def render_report(
         title=title,
         subtitle=subtitle,
         users=users,
+        gain_chart=gain_svg(ranker_gain or {}),
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
 

@@ -115,13 +115,19 @@ def _against_retrieval(ranker_ndcg: float, ts: TrainingSet, gain: list[float]) -
     return out
 
 
-def _finish_report(ranker: Ranker, report: dict[str, Any]) -> dict[str, Any]:
-    """Log the training report (and warn when the ranker does not beat the retrieval order); keep it on the ranker."""
+def gain_shares(ranker: Ranker) -> dict[str, float]:
+    """What the ranker's trees rest on overall: each column's share of the total split gain, largest first, rounded
+    to 4 digits (columns no split uses are left out; empty for a ranker without a gainful split)."""
     gain = ranker.feature_importance()
     total = sum(gain.values())
-    # what the trees rest on: each column's share of the split gain (columns that no split uses are left out)
-    report["feature_gain_share"] = {n: round(g / total, 4) for n, g in sorted(gain.items(), key=lambda kv: -kv[1])
-                                    if g > 0} if total > 0 else {}
+    if total <= 0:
+        return {}
+    return {n: round(g / total, 4) for n, g in sorted(gain.items(), key=lambda kv: -kv[1]) if g > 0}
+
+
+def _finish_report(ranker: Ranker, report: dict[str, Any]) -> dict[str, Any]:
+    """Log the training report (and warn when the ranker does not beat the retrieval order); keep it on the ranker."""
+    report["feature_gain_share"] = gain_shares(ranker)
     ranker.metrics_.update(report)
     logger.info("re-ranker: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()
                                   if k != "feature_gain_share"})

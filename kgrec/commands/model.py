@@ -215,7 +215,8 @@ def explain(
     if html is not None:
         from ranking.report import write_report
 
-        write_report(html, {user: [e]}, image_root=rec.dataset_root, title=f"Why {item} for {user}")
+        write_report(html, {user: [e]}, image_root=rec.dataset_root, title=f"Why {item} for {user}",
+                     ranker_gain=_ranker_gain(rec))
         typer.echo(f"wrote {html}")
 
 
@@ -248,7 +249,14 @@ def write_html(rec: Any, results: dict[str, list[Any]], path: Path, title: str =
             for u, rs in results.items() if rec.has_history(u)}
     if not exps:
         return None
-    return write_report(path, exps, image_root=rec.dataset_root, title=title)
+    return write_report(path, exps, image_root=rec.dataset_root, title=title, ranker_gain=_ranker_gain(rec))
+
+
+def _ranker_gain(rec: Any) -> dict[str, float] | None:
+    """The bundle's ranker's split-gain shares for the report's overall chart (None without a ranker)."""
+    from ranking.train import gain_shares
+
+    return gain_shares(rec.ranker) if rec.ranker is not None else None
 
 
 @clean_errors

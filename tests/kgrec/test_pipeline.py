@@ -495,6 +495,9 @@ def test_html_report_for_query_results_and_cold_users(fitted, tmp_path):
     path = write_html(fitted, {user: recs, "nobody": cold}, tmp_path / "r.html", query="red jacket")
     html = path.read_text(encoding="utf-8")
     assert all(r.item_id in html for r in recs) and "nobody" not in html
+    # the bundle's ranker: its overall split-gain chart heads the page, its largest share first
+    top = next(iter(fitted.metrics["ranker_training"]["feature_gain_share"]))
+    assert "What the ranker rests on overall" in html and f">{top}<" in html
 
 
 _FIT_CHECKSUM = """

@@ -145,6 +145,20 @@ def test_html_report_has_images_paths_and_chart(trained, explainer, tmp_path):
     svg = str(contribution_svg(exps[0], max_bars=5))
     assert svg.count("<rect") == 5
     assert "<script" not in render_report({"x": exps})
+    # the ranker's overall split-gain chart, once above the cards, its bars in the shares' order
+    from ranking.report import gain_svg
+    from ranking.train import gain_shares
+
+    shares = gain_shares(trained.ranker)
+    assert shares and sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    page = render_report({"x": exps}, ranker_gain=shares)
+    assert "What the ranker rests on overall" in page and "What the ranker rests on" not in render_report({"x": exps})
+    assert page.count("<svg") == html.count("<svg") + 1
+    chart = str(gain_svg(shares, max_bars=4))
+    assert chart.count("<rect") == min(4, len(shares))
+    top = list(shares)[: min(4, len(shares))]
+    assert [chart.index(f">{n}<") for n in top] == sorted(chart.index(f">{n}<") for n in top)
+    assert f"{list(shares.values())[0]:.0%}" in chart
 
 
 def test_entity_phrase_names_an_entity_the_users_items_share(trained, explainer):
