@@ -632,10 +632,7 @@ class Recommender:
         model = self.model if own else model
 
         hetero = interaction_view(self.hetero, self.id_maps, events, self.config.kg.also_bought_min_count)
-        emb_pos = _index(self.embeddings.item_ids)
-        order = np.array([emb_pos[i] for i in self.item_ids], dtype=np.int64)
-        text = self.embeddings.text[order] if self.embeddings.text.shape[1] else None
-        image = self.embeddings.image[order] if self.embeddings.image.shape[1] else None
+        text, image, _ = aligned_content(self.embeddings, self.item_ids)
         ctx = RankingContext.from_hetero(
             hetero, self.id_maps,
             user_vectors=model.user_embeddings, item_vectors=model.item_embeddings,
