@@ -65,6 +65,7 @@ def fit_ranker(
     for name, ts in extra_train:
         if tuple(ts.names) != tuple(builder.names):
             raise ValueError(f"training set {name!r} has other feature columns than the builder")
+    held: TrainingSet | None = None
     if config.cv_folds >= 2:
         held = build_training_set(builder, user_index, candidates, heldout_events)
         if len(held.group) >= config.cv_folds:
@@ -74,10 +75,16 @@ def fit_ranker(
                     "early stopping on a share of them instead", len(held.group), config.cv_folds)
     n_valid = max(1, int(round(len(order) * valid_fraction)))
     va, tr = order[:n_valid], order[n_valid:]
-    valid = build_training_set(builder, user_index[va], candidates[va], heldout_events)
+
+    def part(pos: np.ndarray) -> TrainingSet:  # the groups of these users, built once
+        if held is None:
+            return build_training_set(builder, user_index[pos], candidates[pos], heldout_events)
+        return _pick(held, user_index[pos])
+
+    valid = part(va)
     parts: list[tuple[str, TrainingSet]] = []
     if learn_from_heldout:
-        parts.append(("heldout", build_training_set(builder, user_index[tr], candidates[tr], heldout_events)))
+        parts.append(("heldout", part(tr)))
     for name, ts in extra_train:
         parts.append((name, _without_users(ts, user_index[va])))
     train = _concat(parts, builder.names)
@@ -208,6 +215,20 @@ def _groups(ts: TrainingSet, keep: np.ndarray) -> TrainingSet:
     rows = np.repeat(keep, ts.group)
     return TrainingSet(X=ts.X[rows], y=ts.y[rows], group=ts.group[keep], user_index=ts.user_index[keep],
                        candidates=ts.candidates[keep], names=ts.names)
+
+
+def _pick(ts: TrainingSet, users: np.ndarray) -> TrainingSet:
+    """The groups of ``users`` in that order (a user's first group; users without one skipped), with their rows:
+    what ``build_training_set`` gives for those users when ``ts`` was built over a list that holds them."""
+    first: dict[int, int] = {}
+    for g, u in enumerate(ts.user_index.tolist()):
+        first.setdefault(u, g)
+    take = np.array([first[u] for u in np.asarray(users).tolist() if u in first], dtype=np.int64)
+    starts = np.r_[0, np.cumsum(ts.group)[:-1]]
+    rows = np.concatenate([np.arange(starts[g], starts[g] + ts.group[g]) for g in take]) if len(take) else \
+        np.zeros(0, dtype=np.int64)
+    return TrainingSet(X=ts.X[rows], y=ts.y[rows], group=ts.group[take], user_index=ts.user_index[take],
+                       candidates=ts.candidates[take], names=ts.names)
 
 
 def _without_users(ts: TrainingSet, users: np.ndarray) -> TrainingSet:
