@@ -522,6 +522,10 @@ def _price_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
     return "it costs less than you usually pay" if v < 0.75 else None
 
 
+def _co_buyer_phrase(ex: Explainer, v: float, u: int, i: int) -> str | None:
+    return f"customers who chose what you {ex._history_verb(u)} also chose it" if v > 0 else None
+
+
 # "items you ..." for each history event type (``HISTORY_EVENT_TYPES``)
 _HISTORY_VERBS = {"purchase": "bought", "cart": "put in your cart", "rating": "rated"}
 _HISTORY_VERBS_SHORT = {"purchase": "bought", "cart": "carted", "rating": "rated"}  # in a list of several
@@ -542,12 +546,8 @@ _PHRASES: dict[str, Callable[[Explainer, float, int, int], str | None]] = {
     "kg_paths_attribute": _attribute_phrase,
     "attribute_overlap": _attribute_phrase,
     "kg_paths_entity": _entity_phrase,
-    "kg_paths_co_buyer": lambda ex, v, u, i: (
-        f"customers who chose what you {ex._history_verb(u)} also chose it" if v > 0 else None
-    ),
-    "co_buyer_cosine": lambda ex, v, u, i: (
-        f"customers who chose what you {ex._history_verb(u)} also chose it" if v > 0 else None
-    ),
+    "kg_paths_co_buyer": _co_buyer_phrase,
+    "co_buyer_cosine": _co_buyer_phrase,  # the same evidence, weighted by item similarity
     "gnn_dot_z": lambda ex, v, u, i: "it stands out for you among the whole catalog" if v >= 2 else None,
     "item_events_near_user_time": lambda ex, v, u, i: (
         "people were choosing it around your last visit" if v > 0 else None),
