@@ -589,46 +589,52 @@ def train_model(
 
 
 def add_ease_term(tm: TrainedModel, valid: sp.csr_matrix, cfg: FusionConfig, device: torch.device | str = "cpu",
-                  *, setting: tuple[float, float] | None = None) -> None:
+                  *, setting: tuple[float, float] | None = None, absolute_weight: float | None = None) -> None:
     """Fit EASE on the training matrix and choose (lambda, weight) of the hybrid term by validation NDCG@20.
 
     The embedding scores are rescaled per model so that weight 1 means "EASE and the GNN contribute equally on
     average" (ratio of mean absolute score over validation users); ``hybrid_weight`` stores the absolute factor,
     ``hybrid_relative_weight`` the weight chosen. ``setting=(lambda, relative weight)`` uses that one setting
-    without a search (another model's choice); ``valid`` then only names the users the scales are measured on.
+    without a search (another model's choice); ``valid`` then only names the users the scales are measured on, and
+    ``absolute_weight`` (a model saved before the relative weight was kept) replaces the rescaled factor.
     """
     from fusion.baselines import EASE
 
-    best: tuple[float, Any, float, Any, float] = (-1.0, None, 0.0, None, 0.0)  # score, B, weight, lambda, w
     users = np.flatnonzero(np.diff(valid.indptr) > 0)
     emb_scale = float(np.abs(tm.score_all(users[:512]).numpy()).mean()) if tm.hybrid_weight == 0 else 1.0
-    lambdas, weights = ([setting[0]], [setting[1]]) if setting is not None else (cfg.ease_lambdas, cfg.hybrid_weights)
-    for lam in lambdas:
-        ease = EASE(lam, device=str(device)).fit(tm.train_matrix)
-        b = ease.B.cpu().numpy()
-        x = torch.as_tensor(tm.train_matrix[users[:512]].toarray())
-        ease_scale = float((x @ torch.as_tensor(b)).abs().mean()) or 1.0
-        for w in weights:
-            tm.item_item, tm.hybrid_weight = b, w * emb_scale / ease_scale
-            if setting is not None:
-                best = (0.0, b, tm.hybrid_weight, lam, w)
-                continue
-            res = evaluate(lambda u: tm.score_all(u), valid, tm.train_matrix, ks=(20,))
-            logger.debug("hybrid lambda %.0f weight %.2f: valid ndcg@20 %.4f", lam, w, res["ndcg@20"])
-            if res["ndcg@20"] > best[0]:
-                best = (res["ndcg@20"], b, tm.hybrid_weight, lam, w)
-    score, tm.item_item, tm.hybrid_weight, tm.ease_lambda, chosen = best
-    tm.hybrid_relative_weight = float(chosen)
-    tried = len(lambdas) * len(weights)
+    x = torch.as_tensor(tm.train_matrix[users[:512]].toarray())
+
+    def fit(lam: float) -> tuple[np.ndarray, float]:
+        """EASE's item-item matrix and its mean absolute score (weight w means ``w * emb_scale / ease_scale``)."""
+        b = EASE(lam, device=str(device)).fit(tm.train_matrix).B.cpu().numpy()
+        return b, float((x @ torch.as_tensor(b)).abs().mean()) or 1.0
+
     if setting is not None:
-        logger.debug("EASE term: lambda %.0f, weight %.2f given", setting[0], setting[1])
-    elif score < 0:  # nothing tried, or no setting scored (NaN): no EASE term
-        logger.info("EASE term: not used, no setting scored on valid (%d settings tried)", tried)
-    elif chosen:
-        logger.info("EASE term: lambda %.0f, weight %.2f, chosen on valid ndcg@20 %.4f (%d settings tried)",
-                    tm.ease_lambda, chosen, score, tried)
+        lam, w = setting
+        b, ease_scale = fit(lam)
+        tm.item_item, tm.ease_lambda, tm.hybrid_relative_weight = b, lam, float(w)
+        tm.hybrid_weight = w * emb_scale / ease_scale if absolute_weight is None else absolute_weight
+        logger.debug("EASE term: lambda %.0f, weight %.2f given", lam, w)
     else:
-        logger.info("EASE term: not used, weight 0 is best on valid ndcg@20 %.4f (%d settings tried)", score, tried)
+        best: tuple[float, Any, float, Any, float] = (-1.0, None, 0.0, None, 0.0)  # score, B, weight, lambda, w
+        for lam in cfg.ease_lambdas:
+            b, ease_scale = fit(lam)
+            for w in cfg.hybrid_weights:
+                tm.item_item, tm.hybrid_weight = b, w * emb_scale / ease_scale
+                res = evaluate(lambda u: tm.score_all(u), valid, tm.train_matrix, ks=(20,))
+                logger.debug("hybrid lambda %.0f weight %.2f: valid ndcg@20 %.4f", lam, w, res["ndcg@20"])
+                if res["ndcg@20"] > best[0]:
+                    best = (res["ndcg@20"], b, tm.hybrid_weight, lam, w)
+        score, tm.item_item, tm.hybrid_weight, tm.ease_lambda, chosen = best
+        tm.hybrid_relative_weight = float(chosen)
+        tried = len(cfg.ease_lambdas) * len(cfg.hybrid_weights)
+        if score < 0:  # nothing tried, or no setting scored (NaN): no EASE term
+            logger.info("EASE term: not used, no setting scored on valid (%d settings tried)", tried)
+        elif chosen:
+            logger.info("EASE term: lambda %.0f, weight %.2f, chosen on valid ndcg@20 %.4f (%d settings tried)",
+                        tm.ease_lambda, chosen, score, tried)
+        else:
+            logger.info("EASE term: not used, weight 0 is best on valid ndcg@20 %.4f (%d settings tried)", score, tried)
     if tm.hybrid_weight == 0:
         tm.item_item, tm.ease_lambda = None, None
 

@@ -752,10 +752,9 @@ class Recommender:
         )
         if self.model.item_item is not None and self.model.hybrid_weight:
             held = _to_csr(tr.loc[hold, "u"], tr.loc[hold, "i"], (n_u, n_i))  # users the EASE scale is measured on
-            rel = self.model.hybrid_relative_weight
-            add_ease_term(model, held, cfg.fusion, setting=(self.model.ease_lambda, 1.0 if rel is None else rel))
-            if rel is None:  # a model saved before the relative weight was kept: its absolute weight
-                model.hybrid_weight = self.model.hybrid_weight
+            rel = self.model.hybrid_relative_weight  # None: a model saved before it was kept; its absolute weight
+            add_ease_term(model, held, cfg.fusion, setting=(self.model.ease_lambda, 1.0 if rel is None else rel),
+                          absolute_weight=self.model.hybrid_weight if rel is None else None)
         builder = FeatureBuilder(self._context_for(rest_events, model), cfg.ranking.feature_names)
         users = np.unique(tr.loc[hold, "u"].to_numpy())
         rest_csr = _to_csr(rest["u"], rest["i"], (n_u, n_i))
