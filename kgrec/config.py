@@ -98,6 +98,13 @@ class FusionConfig(_Section):
     trainer: Literal["gnn", "scale"] = "gnn"
     scale_options: dict[str, Any] = Field(default_factory=dict)
 
+    def with_epochs(self, epochs: int) -> FusionConfig:
+        """A copy that trains for ``epochs`` epochs with either trainer (``scale`` reads ``scale_options``)."""
+        update: dict[str, Any] = {"epochs": epochs}
+        if self.trainer == "scale":
+            update["scale_options"] = {**self.scale_options, "epochs": epochs}
+        return self.model_copy(update=update)
+
 
 class RankingConfig(_Section):
     """Candidate generation and LightGBM re-ranking."""

@@ -745,9 +745,7 @@ class Recommender:
             n_u, n_i, rest["u"].to_numpy(), rest["i"].to_numpy(),
             graph=interaction_view(self.hetero, self.id_maps, rest_events, cfg.kg.also_bought_min_count),
             text=text, image=image, image_present=present, valid=None,
-            config=cfg.fusion.model_copy(update={"epochs": epochs, "scale_options": {**cfg.fusion.scale_options,
-                                                                                 "epochs": epochs}}
-                                         if cfg.fusion.trainer == "scale" else {"epochs": epochs}),
+            config=cfg.fusion.with_epochs(epochs),
             progress=False,
         )
         if self.model.item_item is not None and self.model.hybrid_weight:

@@ -65,10 +65,12 @@ def test_recommender_fit_save_load_with_scale_trainer(demo_dataset, tmp_path):
     clip = ClipEncoder("kgrec-tiny-test", device="cpu", batch_size=32, seed=0)
     cfg = Config.load(env={}, overrides={"fusion.trainer": "scale", "fusion.dim": 16,
                                           "fusion.scale_options": {"epochs": 8, "num_negatives": 64},
-                                          "ranking.num_candidates": 50,
+                                          "ranking.num_candidates": 50, "ranking.label_source": "valid+fold",
                                           "encoders.cache_dir": str(tmp_path / "cache")})
     rec = Recommender.fit(demo_dataset, cfg, progress=False, encoders=(text, clip))
     assert rec.model.config["trainer"] == "scale"
+    # the ranker's train fold refits the scale trainer for the epochs the fitted model kept
+    assert rec.metrics["ranker_training"]["fold"]["gnn_epochs"] == max(1, rec.model.kept_epochs) <= 8
     test = rec.metrics["test"]
     assert test["gnn"]["recall@20"] > test["popularity"]["recall@20"]  # "gnn" = the retrieval model's row
     user = rec.events["user_id"].value_counts().index[0]

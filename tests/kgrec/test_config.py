@@ -35,3 +35,13 @@ def test_neo4j_password_only_from_env():
     s = neo4j_settings(cfg.kg, env={"NEO4J_URI": "bolt://127.0.0.1:1", "NEO4J_PASSWORD": "pw"})
     assert s == {"uri": "bolt://127.0.0.1:1", "user": "neo4j", "password": "pw", "database": "neo4j"}
     assert "password" not in cfg.to_yaml()
+
+
+def test_with_epochs_reaches_the_trainer_that_reads_it():
+    from kgrec.config import FusionConfig
+
+    gnn = FusionConfig(epochs=50).with_epochs(7)
+    assert gnn.epochs == 7 and gnn.scale_options == {}
+    scale = FusionConfig(trainer="scale", scale_options={"lr": 0.005, "epochs": 20}).with_epochs(3)
+    assert scale.epochs == 3 and scale.scale_options == {"lr": 0.005, "epochs": 3}
+    assert FusionConfig(trainer="scale", scale_options={"lr": 0.005}).scale_options == {"lr": 0.005}  # not mutated
