@@ -200,3 +200,35 @@ def test_fold_cv_scores_each_held_out_fold_against_all_its_held_out_items(monkey
     assert 0.5 < got["recall@20"] <= 1.0  # most held-out items are candidates on this data
     with pytest.raises(ConfigError, match="not one of the 3 folds"):
         ms.fold_cv(data, (3,), objective="binary", leaves=4, trees=5, lr=0.1)
+
+
+def test_mlp_reranker_learns_the_held_out_items_is_seeded_and_averages_with_lightgbm() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    frame = _frame()
+    test_exclude = ms.dense(frame, NUM_USERS, NUM_ITEMS) > 0
+    data = ms.build(frame, NUM_USERS, NUM_ITEMS, _side(), test_exclude, num_folds=3, num_candidates=15)
+    sv, st = ms.fit_mlp(data, seed=0, epochs=30)
+    again, _ = ms.fit_mlp(data, seed=0, epochs=30)
+    other, _ = ms.fit_mlp(data, seed=1, epochs=30)
+    assert np.array_equal(sv, again, equal_nan=True) and not np.array_equal(sv, other, equal_nan=True)
+    fv, uv, iv = data.valid
+    cand = np.zeros((NUM_USERS, NUM_ITEMS), dtype=bool)
+    cand[uv, iv] = True
+    assert sv.shape == st.shape == (NUM_USERS, NUM_ITEMS) and sv[cand].min() > np.nanmax(sv[~cand])
+    # outside the candidates: the first stage's order (NaN where the user's own items are masked)
+    assert np.array_equal(sv[~cand], data.first_stage[~cand] - 1e6, equal_nan=True)
+    # it learnt the taste groups from the train folds: candidates of the user's own group score higher
+    own = (iv < 30) == (uv % 2 == 0)
+    assert sv[uv[own], iv[own]].mean() > sv[uv[~own], iv[~own]].mean()
+    # two_family: each family's per-user z-scores weighted 1/2 (one LightGBM seed: its raw scores z-scored first)
+    lv, lt, _ = ms.fit_predict(data, objective="binary", leaves=4, trees=20, lr=0.1)
+    best = {"valid_scores": lv, "test_scores": lt}
+    both_v, both_t = ms.two_family(data, best, 1, bag=2)
+    m = [ms.fit_mlp(data, seed=s) for s in (0, 1)]
+    want = 0.5 * ms.row_z(lv, lv < -1e5) + 0.5 * np.mean([ms.row_z(r[0], r[0] < -1e5) for r in m], 0)
+    np.testing.assert_allclose(both_v[cand], want[cand], rtol=1e-6)
+    with pytest.raises(ConfigError, match="groups of one size"):
+        ms.fit_mlp(ms.StackedData(data.train_features[:-1], data.train_labels[:-1], data.groups[:-1] + [14],
+                                  data.valid, data.test, data.first_stage, data.names))
