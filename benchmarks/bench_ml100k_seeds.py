@@ -69,6 +69,10 @@ def plot(rows: list[dict], ease: dict, path) -> None:
         ax.scatter(r["test_recall@20"], r["test_ndcg@20"], marker="x" if r["gnn_seed"] is None else "o", s=40)
         ax.annotate(label, (r["test_recall@20"], r["test_ndcg@20"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
+    seeded = [r for r in rows if r["gnn_seed"] is not None]
+    if seeded:
+        mr, mn = np.mean([r["test_recall@20"] for r in seeded]), np.mean([r["test_ndcg@20"] for r in seeded])
+        ax.scatter(mr, mn, marker="*", s=160, color="black", label=f"mean over {len(seeded)} GNN seeds")
     ax.axvline(GOAL["recall@20"], color="tab:red", lw=0.8, ls="--")
     ax.axhline(GOAL["ndcg@20"], color="tab:red", lw=0.8, ls="--", label="goal: 1.05 x EASE")
     ax.set_xlabel("test Recall@20")
