@@ -382,10 +382,10 @@ def fit_mlp(data: StackedData, seed: int = 0, *, epochs: int = 8, batch_groups: 
     test score matrices, as :func:`fit_predict` returns.
 
     Inputs: every column standardised with the training rows' mean / sd and clipped to +-5 (missing values at the
-    mean), plus occupation and gender one-hot; two hidden layers (128, 64; ReLU, dropout 0.1); loss: softmax cross-entropy over each group's
-    candidates against its labels normalised to sum 1 (groups without a held-out item are skipped); Adam, batches
-    of ``batch_groups`` groups, ``epochs`` passes; ``seed`` seeds the weights and the batch order. Fixed before it
-    was first measured (no tuning)."""
+    mean), plus occupation and gender one-hot; two hidden layers (128, 64; ReLU, dropout 0.1); loss: softmax
+    cross-entropy over each group's candidates against its labels normalised to sum 1 (groups without a held-out
+    item are skipped); Adam, batches of ``batch_groups`` groups, ``epochs`` passes; ``seed`` seeds the weights and
+    the batch order. Fixed before it was first measured (no tuning)."""
     import torch
     from torch import nn
 

@@ -394,6 +394,11 @@ def test_an_ease_setting_carries_to_another_model_and_through_save(taste, traine
     add_ease_term(other, valid, _cfg(), setting=(20.0, 2.0))  # no search: the config's grid is not used
     assert (other.ease_lambda, other.hybrid_relative_weight) == (20.0, 2.0)
     assert other.hybrid_weight == pytest.approx(tm.hybrid_weight) and np.allclose(other.item_item, tm.item_item)
+    # a model saved before the relative weight was kept passes its absolute weight, which is used as given
+    old = copy.deepcopy(trained)
+    old.item_item, old.hybrid_weight, old.ease_lambda = None, 0.0, None
+    add_ease_term(old, valid, _cfg(), setting=(20.0, 1.0), absolute_weight=0.37)
+    assert (old.ease_lambda, old.hybrid_weight) == (20.0, 0.37) and np.allclose(old.item_item, tm.item_item)
     tm.save(tmp_path / "m")
     assert TrainedModel.load(tmp_path / "m").hybrid_relative_weight == 2.0
 
