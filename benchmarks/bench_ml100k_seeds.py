@@ -1,6 +1,6 @@
 """How the ml-100k two-stage model (issue #6) moves with its GNN base's seed: one run, several seeds, same folds.
 
-Run: ``flock /tmp/kgrec_bench.lock .venv/bin/python -m benchmarks.bench_ml100k_seeds`` (1 thread; ~50 minutes
+Run: ``flock /tmp/kgrec_bench.lock .venv/bin/python -m benchmarks.bench_ml100k_seeds`` (1 thread; ~60 minutes
 for five seeds). Data: ``KGREC_ML100K_DIR`` or ``../shared/data/ml-100k-kg``, the split, masking and
 metrics of ``bench_ml100k``.
 
