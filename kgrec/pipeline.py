@@ -852,12 +852,11 @@ class Recommender:
     def feature_builder(self) -> Any:
         """The ranking :class:`~ranking.features.FeatureBuilder` over :attr:`context`, built once per context (its
         set-up transposes the (users, items) history: tens of milliseconds at 100,000 items)."""
-        ctx = self.context
-        names = None if self.ranker is None else self.ranker.feature_names
-        if self._builder is None or self._builder.ctx is not ctx or (names and self._builder.names != names):
+        ctx = self.context  # a new ranker drops both (the ``ranker`` setter): the builder follows its columns
+        if self._builder is None or self._builder.ctx is not ctx:
             from ranking.features import FeatureBuilder
 
-            self._builder = FeatureBuilder(ctx, names)
+            self._builder = FeatureBuilder(ctx, None if self.ranker is None else self.ranker.feature_names)
         return self._builder
 
     def has_history(self, user_id: str) -> bool:
