@@ -14,7 +14,7 @@ import logging
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
@@ -72,57 +72,51 @@ def image_data_uri(image: str | None, image_root: str | Path | None, label: str)
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode("ascii")
 
 
-def contribution_svg(explanation: Explanation, max_bars: int = 8, width: int = 420) -> Markup:
-    """Horizontal bar chart (inline SVG) of the largest absolute feature contributions, positive green, negative
-    red, with the bias and the total score in the caption."""
-    items = sorted(explanation.all_contributions.items(), key=lambda kv: -abs(kv[1]))[:max_bars]
+def _bars_svg(items: list[tuple[str, float]], *, width: int, value_w: int, diverging: bool, label: str,
+              value: Callable[[float], str], bottom: int) -> Markup:
+    """Horizontal bars (inline SVG), one row per ``(name, value)``: names right-aligned in a 190 px column, bars
+    scaled to the largest absolute value, each value printed at its bar's end. ``diverging``: bars grow both ways
+    from a middle line, positive green, negative red; else one colour from the left."""
     if not items:
         return Markup("")
-    label_w, bar_w, row_h = 190, width - 190 - 60, 20
+    label_w, bar_w, row_h = 190, width - 190 - value_w, 20
     scale = max(abs(v) for _, v in items) or 1.0
     mid = label_w + bar_w / 2
     rows = []
     for k, (name, v) in enumerate(items):
         y = k * row_h + 4
-        w = abs(v) / scale * (bar_w / 2)
-        x = mid if v >= 0 else mid - w
-        colour = "#2e7d32" if v >= 0 else "#c62828"
+        if diverging:
+            w = abs(v) / scale * (bar_w / 2)
+            x, colour = (mid, "#2e7d32") if v >= 0 else (mid - w, "#c62828")
+            text = (f'<text x="{mid + (w + 4 if v >= 0 else -w - 4):.1f}" y="{y + 13}" font-size="10" '
+                    f'text-anchor="{"start" if v >= 0 else "end"}" fill="#444">{value(v)}</text>')
+        else:
+            w = v / scale * bar_w
+            x, colour = label_w, "#5b8def"
+            text = f'<text x="{label_w + w + 4:.1f}" y="{y + 13}" font-size="10" fill="#444">{value(v)}</text>'
+        x_attr = f"{x:.1f}" if diverging else f"{x}"
         rows.append(
             f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end" font-size="11">{html.escape(name)}</text>'
-            f'<rect x="{x:.1f}" y="{y + 3}" width="{max(w, 0.5):.1f}" height="12" fill="{colour}"/>'
-            f'<text x="{mid + (w + 4 if v >= 0 else -w - 4):.1f}" y="{y + 13}" font-size="10" '
-            f'text-anchor="{"start" if v >= 0 else "end"}" fill="#444">{v:+.3f}</text>'
+            f'<rect x="{x_attr}" y="{y + 3}" width="{max(w, 0.5):.1f}" height="12" fill="{colour}"/>' + text
         )
-    height = len(items) * row_h + 10
-    svg = (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-        f'aria-label="feature contributions" font-family="sans-serif">'
-        f'<line x1="{mid}" y1="0" x2="{mid}" y2="{height}" stroke="#999" stroke-width="1"/>'
-        + "".join(rows)
-        + "</svg>"
-    )
-    return Markup(svg)
+    height = len(items) * row_h + bottom
+    axis = f'<line x1="{mid}" y1="0" x2="{mid}" y2="{height}" stroke="#999" stroke-width="1"/>' if diverging else ""
+    return Markup(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+                  f'aria-label="{label}" font-family="sans-serif">' + axis + "".join(rows) + "</svg>")
+
+
+def contribution_svg(explanation: Explanation, max_bars: int = 8, width: int = 420) -> Markup:
+    """Horizontal bar chart (inline SVG) of the largest absolute feature contributions, positive green, negative
+    red, with the bias and the total score in the caption."""
+    items = sorted(explanation.all_contributions.items(), key=lambda kv: -abs(kv[1]))[:max_bars]
+    return _bars_svg(items, width=width, value_w=60, diverging=True, label="feature contributions",
+                     value=lambda v: f"{v:+.3f}", bottom=10)
 
 
 def gain_svg(shares: Mapping[str, float], max_bars: int = 10, width: int = 420) -> Markup:
     """Horizontal bar chart (inline SVG) of the largest shares of the ranker's split gain (``gain_shares``)."""
-    items = list(shares.items())[:max_bars]
-    if not items:
-        return Markup("")
-    label_w, bar_w, row_h = 190, width - 190 - 50, 20
-    scale = max(v for _, v in items) or 1.0
-    rows = []
-    for k, (name, v) in enumerate(items):
-        y = k * row_h + 4
-        w = v / scale * bar_w
-        rows.append(
-            f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end" font-size="11">{html.escape(name)}</text>'
-            f'<rect x="{label_w}" y="{y + 3}" width="{max(w, 0.5):.1f}" height="12" fill="#5b8def"/>'
-            f'<text x="{label_w + w + 4:.1f}" y="{y + 13}" font-size="10" fill="#444">{v:.0%}</text>'
-        )
-    height = len(items) * row_h + 8
-    return Markup(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-                  f'aria-label="the ranker\'s split gain per feature" font-family="sans-serif">' + "".join(rows) + "</svg>")
+    return _bars_svg(list(shares.items())[:max_bars], width=width, value_w=50, diverging=False,
+                     label="the ranker's split gain per feature", value=lambda v: f"{v:.0%}", bottom=8)
 
 
 def render_report(
